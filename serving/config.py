@@ -1,0 +1,214 @@
+"""Typed deployment configuration, loaded from one YAML file.
+
+One file describes a whole deployment (model, engine, topology, router, server).
+pydantic does the validation: ``extra="forbid"`` turns an unknown key into an error
+and ``strict=True`` stops YAML's ``"8000"`` from silently becoming ``8000``. Every
+error is re-raised as :class:`ConfigError`, naming the file and the dotted key path,
+so the CLI can print one line and exit 2 instead of a traceback.
+
+Overrides of single fields come from environment variables
+(``QWEN_SERVE__SERVER__PORT=8001``) and from the CLI (``--set server.port=8001``);
+their values are parsed as YAML scalars so ``8001`` is an int and ``true`` a bool.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .embedded_model import EMBEDDED_SOURCE
+
+ENV_PREFIX = "QWEN_SERVE__"
+
+Quantization = Literal["none", "fp8", "awq", "gptq", "bitsandbytes", "gguf"]
+Device = Literal["auto", "cuda", "cpu"]
+RoutingPolicy = Literal["round_robin", "power_of_two", "prefix_affinity"]
+
+
+class ConfigError(Exception):
+    """A configuration problem a user can fix; the message says where and what."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class YarnConfig(_Section):
+    """YaRN rope scaling: context = factor × original_max_position_embeddings."""
+
+    factor: float = Field(gt=1.0)
+    original_max_position_embeddings: int = Field(gt=0)
+
+
+class ModelConfig(_Section):
+    # A hub id, a local folder, or the embedded SmolLM2 default.
+    source: str = EMBEDDED_SOURCE
+    served_name: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    quantization: Quantization = "none"
+    # fp8 applies to the weights, the KV cache, or both (Ada/Hopper only).
+    fp8_weights: bool = True
+    max_model_len: int | None = Field(default=None, gt=0)
+    yarn: YarnConfig | None = None
+    # Qwen documents YaRN only for 7B+; a profile that enables it anyway must
+    # say it knows (the launcher still prints the warning).
+    yarn_acknowledge_unsupported: bool = False
+
+
+class EngineConfig(_Section):
+    device: Device = "auto"
+    block_size: int | None = Field(default=None, gt=0)
+    gpu_memory_utilization: float = Field(default=0.90, gt=0.0, le=1.0)
+    # CPU engines have no "utilization": the KV cache size is set in bytes.
+    cpu_kv_cache_bytes: int = Field(default=1 << 30, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    # vLLM's own bound on in-flight requests per engine (503 beyond it).
+    max_num_queued_reqs: int | None = Field(default=None, gt=0)
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    # guidance gave strictly valid JSON where xgrammar did not on the CPU build.
+    structured_outputs_backend: Literal["auto", "guidance", "xgrammar", "outlines"] = "guidance"
+    # Any other vLLM flag, passed through untouched (the launcher stays thin).
+    extra_args: list[str] = Field(default_factory=list)
+
+
+class TopologyConfig(_Section):
+    replicas: int = Field(default=1, ge=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=0, ge=0)
+    # For the planner: memory of one GPU and its architecture (fp8 needs ada/hopper).
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    gpu_arch: Literal["ampere", "ada", "hopper", "blackwell", "other"] | None = None
+    # Logical CPUs Ray reserves per replica (the engine itself uses what it needs).
+    cpus_per_replica: float = Field(default=1.0, gt=0)
+
+
+class AutoscalingConfig(_Section):
+    min_replicas: int = Field(ge=0)
+    max_replicas: int = Field(ge=1)
+    target_ongoing_requests: float = Field(default=16.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class RouterConfig(_Section):
+    policy: RoutingPolicy = "power_of_two"
+    autoscaling: AutoscalingConfig | None = None
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_keys_file: str | None = None
+    # Address the engine replicas bind to; loopback unless replicas span nodes.
+    replica_host: str = "127.0.0.1"
+    request_timeout_s: float = Field(default=600.0, gt=0)
+    ready_timeout_s: float = Field(default=10.0, gt=0)
+    startup_timeout_s: float = Field(default=900.0, gt=0)
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    web_ui: bool = True
+
+
+class DeploymentConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    topology: TopologyConfig = Field(default_factory=TopologyConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model.served_name:
+            return self.model.served_name
+        if self.model.source == EMBEDDED_SOURCE:
+            return "smollm2-135m-instruct"
+        return Path(self.model.source.rstrip("/")).name.lower()
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: list[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DeploymentConfig:
+    """Read, merge overrides into, and validate a deployment config.
+
+    Order of precedence (last wins): the file, ``QWEN_SERVE__A__B`` environment
+    variables, then ``--set a.b=value`` CLI overrides.
+    """
+    where = str(path) if path else "<defaults>"
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of sections")
+        raw = loaded
+
+    env = os.environ if environ is None else environ
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX):
+            dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+            _set_path(raw, dotted, _parse_scalar(value), f"environment variable {name}")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. server.port=8001")
+        _set_path(raw, key.strip(), _parse_scalar(value), f"override {item!r}")
+
+    try:
+        return DeploymentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(where, exc)) from None
+
+
+def _parse_scalar(value: str) -> Any:
+    try:
+        return yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        return value
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"{origin}: empty key")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(where: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"{where}: {key}: {msg}")
+    return "\n".join(lines)
