@@ -1,0 +1,1 @@
+"""Engine side: the Ray Serve replica that owns one vLLM server, and its builder."""

@@ -1,0 +1,39 @@
+"""Config → the Ray Serve application that runs the engine replicas."""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve import Application
+
+from ..config import DeploymentConfig
+from ..engine_args import EngineLaunch
+from .replica import EngineReplica
+
+APP_NAME = "qwen-serve-engines"
+
+
+def build_engine_app(cfg: DeploymentConfig, launch: EngineLaunch, device: str) -> Application:
+    topo, auto = cfg.topology, cfg.router.autoscaling
+    actor_options: dict = {"num_cpus": topo.cpus_per_replica}
+    if device == "cuda":
+        # Ray sets CUDA_VISIBLE_DEVICES for the actor; the engine process inherits it.
+        actor_options["num_gpus"] = topo.tensor_parallel_size
+    options: dict = {
+        "name": "EngineReplica",
+        "ray_actor_options": actor_options,
+        "health_check_period_s": 2.0,
+        "health_check_timeout_s": 10.0,
+        # The engine needs its own drain time on replica shutdown.
+        "graceful_shutdown_timeout_s": cfg.server.drain_timeout_s + 10.0,
+    }
+    if auto is None:
+        options["num_replicas"] = topo.replicas
+    else:
+        options["autoscaling_config"] = {
+            "min_replicas": auto.min_replicas,
+            "max_replicas": auto.max_replicas,
+            "initial_replicas": max(auto.min_replicas, min(topo.replicas, auto.max_replicas)),
+            "target_ongoing_requests": auto.target_ongoing_requests,
+        }
+    deployment = serve.deployment(EngineReplica).options(**options)
+    return deployment.bind(launch, cfg.server.replica_host, cfg.server.startup_timeout_s)

@@ -1,0 +1,43 @@
+"""Where the ingress learns which engine replicas exist and at which address.
+
+Why not Serve handles: the ingress streams HTTP straight to each replica's vLLM
+server (no per-token hop through Ray's object store), so it needs addresses, not
+handles. Replicas heartbeat into this small named actor; an entry that stops
+beating (its replica died) ages out.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+NAMESPACE = "qwen-serve"
+REGISTRY_NAME = "engine-registry"
+
+
+@ray.remote(num_cpus=0)
+class EngineRegistry:
+    def __init__(self) -> None:
+        self._entries: dict[str, dict] = {}
+
+    def register(self, replica_id: str, url: str, pid: int) -> None:
+        self._entries[replica_id] = {"replica_id": replica_id, "url": url, "pid": pid,
+                                     "seen": time.monotonic()}
+
+    def deregister(self, replica_id: str) -> None:
+        self._entries.pop(replica_id, None)
+
+    def snapshot(self, max_age_s: float) -> list[dict]:
+        now = time.monotonic()
+        self._entries = {k: v for k, v in self._entries.items() if now - v["seen"] <= max_age_s}
+        return [dict(v, age_s=now - v["seen"]) for v in self._entries.values()]
+
+
+def create_registry() -> "ray.actor.ActorHandle":
+    return EngineRegistry.options(name=REGISTRY_NAME, namespace=NAMESPACE,
+                                  get_if_exists=True).remote()
+
+
+def get_registry() -> "ray.actor.ActorHandle":
+    return ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE)

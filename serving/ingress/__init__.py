@@ -1,0 +1,1 @@
+"""The HTTP front door: auth, admission, routing and proxying to engine replicas."""

@@ -1,0 +1,91 @@
+"""Prometheus metrics: the router's own series plus every replica's vLLM series.
+
+One scrape of the ingress's /metrics gives an operator the whole deployment. The
+engine series are vLLM's own (current names, e.g. ``vllm:num_requests_running``),
+fetched from each replica and re-labelled with ``replica`` so per-replica panels
+work; families are merged by name because the exposition format allows one
+TYPE/HELP block per family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from .pool import Replica
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
+                   80.0, 160.0, 320.0)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("qwen_serve_requests", "Requests answered by the ingress.",
+                                ["route", "status", "model"], registry=r)
+        self.duration = Histogram("qwen_serve_request_duration_seconds",
+                                  "Ingress end-to-end request latency.", ["route", "model"],
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.ttfb = Histogram("qwen_serve_time_to_first_byte_seconds",
+                              "Time from request arrival to the first streamed byte.",
+                              ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("qwen_serve_requests_in_flight", "Requests being served.",
+                               ["route"], registry=r)
+        self.replicas = Gauge("qwen_serve_replicas", "Engine replicas known to the ingress.",
+                              ["state"], registry=r)
+        self.replica_up = Gauge("qwen_serve_replica_up",
+                                "1 if the replica answered its last readiness probe.",
+                                ["replica"], registry=r)
+        self.rejected = Counter("qwen_serve_rejected_requests",
+                                "Requests refused by the ingress before reaching an engine.",
+                                ["reason"], registry=r)
+        self.cache = Counter("qwen_serve_response_cache_requests",
+                             "Response-cache lookups.", ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Families:
+    """A collector over already-parsed families (rendered by prometheus_client)."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self):
+        return iter(self._families)
+
+
+def merge_replica_metrics(texts: dict[str, str]) -> bytes:
+    merged: dict[str, Metric] = {}
+    for replica_id, text in texts.items():
+        for family in text_string_to_metric_families(text):
+            target = merged.get(family.name)
+            if target is None:
+                target = Metric(family.name, family.documentation, family.type, family.unit)
+                merged[family.name] = target
+            for s in family.samples:
+                target.samples.append(Sample(s.name, {**s.labels, "replica": replica_id},
+                                             s.value, s.timestamp, s.exemplar))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(merged.values())))
+    return generate_latest(registry)
+
+
+async def fetch_replica_metrics(client: httpx.AsyncClient, replicas: list[Replica],
+                                timeout_s: float = 3.0) -> bytes:
+    async def one(r: Replica) -> tuple[str, str | None]:
+        try:
+            resp = await client.get(f"{r.url}/metrics", timeout=timeout_s)
+            return r.replica_id, resp.text if resp.status_code == 200 else None
+        except httpx.HTTPError:
+            return r.replica_id, None
+
+    results = await asyncio.gather(*(one(r) for r in replicas))
+    return merge_replica_metrics({rid: text for rid, text in results if text})

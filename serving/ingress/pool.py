@@ -1,0 +1,89 @@
+"""The ingress's live view of engine replicas: address, in-flight count, health.
+
+Replicas come and go through the registry (Ray Serve restarts, scaling). The
+in-flight count per replica is kept here because every request passes through the
+ingress, which makes it exact and free, and it is what the routing policies use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("qwen_serve.pool")
+
+# A replica whose heartbeat is older than this is considered gone.
+REGISTRY_MAX_AGE_S = 5.0
+# After a connection failure, skip the replica for this long (it is usually dead).
+DOWN_PENALTY_S = 3.0
+
+
+@dataclass
+class Replica:
+    replica_id: str
+    url: str
+    pid: int
+    in_flight: int = 0
+    down_until: float = 0.0
+    served: int = 0
+    labels: dict = field(default_factory=dict)
+
+    @property
+    def available(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def mark_down(self) -> None:
+        self.down_until = time.monotonic() + DOWN_PENALTY_S
+
+
+class ReplicaPool:
+    def __init__(self, registry) -> None:
+        self._registry = registry
+        self._replicas: dict[str, Replica] = {}
+        self._task: asyncio.Task | None = None
+        self.changed = asyncio.Event()
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return list(self._replicas.values())
+
+    def available(self) -> list[Replica]:
+        return [r for r in self._replicas.values() if r.available]
+
+    async def refresh(self) -> None:
+        entries = await self._registry.snapshot.remote(REGISTRY_MAX_AGE_S)
+        fresh: dict[str, Replica] = {}
+        for entry in entries:
+            rid = entry["replica_id"]
+            known = self._replicas.get(rid)
+            if known is not None and known.url == entry["url"]:
+                fresh[rid] = known
+            else:
+                fresh[rid] = Replica(rid, entry["url"], entry["pid"])
+                logger.info("engine replica %s at %s joined", rid, entry["url"])
+        for rid in self._replicas.keys() - fresh.keys():
+            logger.warning("engine replica %s left", rid)
+        if fresh.keys() != self._replicas.keys():
+            self.changed.set()
+        self._replicas = fresh
+
+    async def _run(self, period_s: float) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - keep polling through transient Ray errors
+                logger.exception("registry refresh failed")
+            await asyncio.sleep(period_s)
+
+    def start(self, period_s: float = 0.5) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(period_s))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass

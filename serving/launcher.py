@@ -1,0 +1,193 @@
+"""`qwen-serve serve`: plan → Ray (loopback) → engine replicas → ingress → drain.
+
+Config flows one way: DeploymentConfig → Plan (refuses impossible layouts) →
+EngineLaunch (vLLM flags) → Serve application (replicas) → ingress app (HTTP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+import uvicorn
+
+from .config import DeploymentConfig
+from .engine_args import build_engine_launch
+from .modelinfo import ModelFacts
+from .plan import Plan
+
+logger = logging.getLogger("qwen_serve")
+
+
+class ServeError(Exception):
+    """The stack could not start; the message says why."""
+
+
+def _loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _ray_environment(cfg: DeploymentConfig) -> None:
+    """Must run before Ray is first imported: Ray reads these at import and start."""
+    # Keep Ray and vLLM's side channels on loopback unless replicas span nodes.
+    if _loopback(cfg.server.replica_host):
+        os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _start_ray(cfg: DeploymentConfig, plan: Plan, address: str | None) -> None:
+    import ray
+
+    from .engine.registry import NAMESPACE
+
+    kwargs: dict = {"namespace": NAMESPACE, "include_dashboard": False,
+                    "logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    need = plan.replicas * cfg.topology.cpus_per_replica
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+             _node_ip_address="127.0.0.1" if _loopback(cfg.server.replica_host) else None,
+             **kwargs)
+    if plan.device == "cuda":
+        have = int(ray.cluster_resources().get("GPU", 0))
+        want = plan.replicas * plan.tensor_parallel_size
+        if have < want:
+            ray.shutdown()
+            raise ServeError(f"the plan needs {want} GPUs ({plan.replicas} × TP"
+                             f"{plan.tensor_parallel_size}); Ray sees {have} on this machine")
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains instead of closing at once.
+
+    Draining: /ready turns 503 and new requests get 503 immediately, in-flight
+    requests finish (up to the drain timeout), then the server exits with code 0.
+    A second Ctrl-C forces the exit.
+    """
+
+    def __init__(self, config: uvicorn.Config, on_drain) -> None:
+        super().__init__(config)
+        self._on_drain = on_drain
+        self._drain_started = False
+
+    def handle_exit(self, sig, frame) -> None:  # runs in the signal handler
+        if self._drain_started:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._drain_started = True
+        self._on_drain()
+
+
+def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | None = None) -> int:
+    _ray_environment(cfg)
+    from ray import serve
+
+    from .engine.builder import APP_NAME, build_engine_app
+    from .engine.registry import create_registry
+    from .ingress.app import IngressSettings, build_app
+    from .ingress.pool import ReplicaPool
+
+    launch = build_engine_launch(cfg, facts, plan.device)
+    _start_ray(cfg, plan, address)
+    try:
+        serve.start(proxy_location="Disabled")
+        registry = create_registry()
+        pool = ReplicaPool(registry)
+        auto = cfg.router.autoscaling
+        settings = IngressSettings(
+            model=cfg.served_model_name,
+            expected_replicas=max(1, auto.min_replicas) if auto else plan.replicas,
+            policy=cfg.router.policy,
+            request_timeout_s=cfg.server.request_timeout_s,
+            ready_timeout_s=cfg.server.ready_timeout_s,
+            web_ui=cfg.server.web_ui,
+        )
+        app = build_app(settings, pool)
+        state = app.state.ingress
+        return asyncio.run(_serve(cfg, plan, app, state, pool, build_engine_app(cfg, launch, plan.device),
+                                  APP_NAME))
+    finally:
+        _shutdown_ray()
+
+
+async def _serve(cfg, plan, app, state, pool, engine_app, app_name) -> int:
+    from ray import serve
+
+    loop = asyncio.get_running_loop()
+    srv = cfg.server
+    config = uvicorn.Config(app, host=srv.host, port=srv.port, log_level="warning",
+                            access_log=False, timeout_graceful_shutdown=5,
+                            timeout_keep_alive=30, backlog=4096)
+    server: _DrainingServer
+
+    def drain() -> None:
+        loop.call_soon_threadsafe(lambda: loop.create_task(_drain(state, server, srv.drain_timeout_s)))
+
+    server = _DrainingServer(config, drain)
+    deploy_error: list[BaseException] = []
+
+    def deploy() -> None:
+        try:
+            serve.run(engine_app, name=app_name, route_prefix=None, blocking=False)
+        except BaseException as exc:  # noqa: BLE001 - reported to the main loop
+            deploy_error.append(exc)
+
+    serving = loop.create_task(server.serve())
+    while not server.started:
+        if serving.done():
+            raise ServeError(f"could not listen on {srv.host}:{srv.port}")
+        await asyncio.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    base = f"http://{srv.host}:{port}"
+    print(f"qwen-serve: listening on {base} (starting {plan.replicas} engine replica(s); "
+          f"/health is up, /ready turns 200 when they answer)", flush=True)
+    deployer = threading.Thread(target=deploy, name="serve-deploy", daemon=True)
+    deployer.start()
+    announced = False
+    while not serving.done():
+        if deploy_error and not state.draining:
+            print(f"qwen-serve: engine deployment failed: {deploy_error[0]}", file=sys.stderr, flush=True)
+            server.should_exit = True
+            await serving
+            return 1
+        if not announced and len(pool.available()) >= state.settings.expected_replicas:
+            announced = True
+            print(f"qwen-serve: ready — model {state.settings.model!r} at {base}/v1 "
+                  f"(web chat: {base}/ , metrics: {base}/metrics)", flush=True)
+        await asyncio.sleep(0.2)
+    await serving
+    return 0
+
+
+async def _drain(state, server: uvicorn.Server, timeout_s: float) -> None:
+    state.draining = True
+    state.ready_cache = None
+    print(f"qwen-serve: draining (up to {timeout_s:.0f}s for in-flight requests)", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sum(r.in_flight for r in state.pool.replicas) == 0:
+            break
+        await asyncio.sleep(0.1)
+    server.should_exit = True
+
+
+def _shutdown_ray() -> None:
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        return
+    try:
+        serve.shutdown()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        logger.exception("serve shutdown failed")
+    ray.shutdown()

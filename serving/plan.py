@@ -1,0 +1,247 @@
+"""Capacity planning: which layouts are valid and what fits, before anything starts.
+
+``qwen-serve plan`` prints this; ``qwen-serve serve`` runs the same checks first, so
+an impossible layout (TP=4 for a 14-head model) fails in a second with the reason
+rather than minutes later inside a worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .config import DeploymentConfig
+from .modelinfo import ModelFacts
+
+GIB = 1 << 30
+
+# Bytes per parameter of the quantized body (embeddings stay 16-bit). 4-bit
+# formats carry per-group scales: AWQ/GPTQ group 128 with fp16 scale+zero adds
+# 4/128 byte, bitsandbytes NF4 adds an fp32 absmax per 64 (1/16 byte), GGUF is
+# taken at Q4_K_M's ~4.8 bits.
+_QUANT_BYTES = {"fp8": 1.0, "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128,
+                "bitsandbytes": 0.5 + 1 / 16, "gguf": 0.6}
+_DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
+_FP8_ARCHS = {"ada", "hopper", "blackwell"}
+
+
+class PlanError(Exception):
+    """The requested layout cannot run; the message says why and what would."""
+
+
+@dataclass
+class Plan:
+    model: str
+    facts_from: str
+    device: str
+    gpus: int
+    tensor_parallel_size: int
+    replicas: int
+    valid_tp_sizes: list[int]
+    valid_layouts: list[str]
+    num_params: int
+    weight_bytes: int
+    weight_bytes_per_device: int
+    kv_bytes_per_token: int
+    kv_bytes_per_token_per_device: int
+    kv_cache_bytes_per_replica: int
+    kv_tokens_per_replica: int
+    max_model_len: int
+    max_seqs_at_max_len_per_replica: int
+    total_kv_tokens: int
+    arithmetic: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def valid_tp_sizes(facts: ModelFacts, limit: int) -> list[int]:
+    """TP sizes vLLM accepts: heads divide evenly, and KV heads split or replicate evenly."""
+    sizes = []
+    for tp in range(1, max(limit, 1) + 1):
+        if facts.num_attention_heads % tp:
+            continue
+        kv = facts.num_kv_heads
+        if (kv % tp if kv >= tp else tp % kv):
+            continue
+        sizes.append(tp)
+    return sizes
+
+
+def make_plan(
+    cfg: DeploymentConfig,
+    facts: ModelFacts,
+    *,
+    gpus: int | None = None,
+    gpu_memory_gib: float | None = None,
+    tp: int | None = None,
+    device: str | None = None,
+) -> Plan:
+    topo, eng, mdl = cfg.topology, cfg.engine, cfg.model
+    n_gpus = topo.gpus_per_node if gpus is None else gpus
+    if device is None:
+        device = eng.device if eng.device != "auto" else ("cuda" if n_gpus > 0 else "cpu")
+    tp_size = topo.tensor_parallel_size if tp is None else tp
+    warnings: list[str] = []
+    lines: list[str] = []
+
+    _check_hardware(cfg, device, warnings)
+    max_len = _max_model_len(cfg, facts, warnings)
+
+    # --- tensor parallelism and replicas -------------------------------------
+    if device == "cpu":
+        tp_choices = [1]
+        layouts = [f"{topo.replicas} × TP1 (CPU)"]
+        if tp_size != 1:
+            raise PlanError(f"tensor_parallel_size={tp_size} is not supported on CPU; use 1")
+        replicas = topo.replicas
+    else:
+        if n_gpus < 1:
+            raise PlanError("device is cuda but no GPUs are configured (topology.gpus_per_node or --gpus)")
+        tp_choices = valid_tp_sizes(facts, n_gpus)
+        layouts = [f"{n_gpus // t} × TP{t}" for t in tp_choices if n_gpus % t == 0]
+        if tp_size not in tp_choices:
+            raise PlanError(_tp_reason(facts, tp_size, n_gpus) + f"; valid layouts for {n_gpus} GPUs: "
+                            + ", ".join(layouts))
+        # --tp on the command line re-plans the box; the file's replica count holds otherwise.
+        replicas = n_gpus // tp_size if (tp is not None or gpus is not None) else topo.replicas
+        if replicas * tp_size > n_gpus:
+            raise PlanError(f"{replicas} replicas × TP{tp_size} needs {replicas * tp_size} GPUs, "
+                            f"only {n_gpus} configured; valid layouts: " + ", ".join(layouts))
+        if replicas * tp_size < n_gpus:
+            warnings.append(f"{n_gpus - replicas * tp_size} of {n_gpus} GPUs stay idle")
+    lines.append(f"replicas = {replicas} (each TP={tp_size}); valid TP sizes: {tp_choices}")
+
+    # --- weights --------------------------------------------------------------
+    weight_bytes = _weight_bytes(cfg, facts, lines)
+    per_device_weights = weight_bytes // tp_size
+    # --- KV cache -------------------------------------------------------------
+    kv_elem = 1 if eng.kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES[mdl.dtype]
+    kv_per_token = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * kv_elem
+    lines.append(f"KV bytes/token = 2 (K,V) × {facts.num_layers} layers × {facts.num_kv_heads} KV heads "
+                 f"× {facts.head_dim} head_dim × {kv_elem} B = {kv_per_token:,}")
+    kv_heads_per_dev = max(1, facts.num_kv_heads // tp_size)
+    kv_per_token_dev = 2 * facts.num_layers * kv_heads_per_dev * facts.head_dim * kv_elem
+
+    if device == "cpu":
+        kv_bytes = eng.cpu_kv_cache_bytes
+        lines.append(f"KV cache per replica = engine.cpu_kv_cache_bytes = {kv_bytes:,} B")
+        kv_tokens = kv_bytes // kv_per_token
+    else:
+        mem_gib = gpu_memory_gib or topo.gpu_memory_gib
+        if mem_gib is None:
+            raise PlanError("GPU memory unknown: set topology.gpu_memory_gib or pass --gpu-memory-gib")
+        budget = int(mem_gib * GIB * eng.gpu_memory_utilization)
+        free = budget - per_device_weights
+        if free <= 0:
+            raise PlanError(f"weights per GPU ({per_device_weights / GIB:.2f} GiB) exceed the "
+                            f"memory budget ({budget / GIB:.2f} GiB)")
+        kv_bytes = free * tp_size
+        kv_tokens = free // kv_per_token_dev
+        lines.append(f"KV budget per GPU = {mem_gib} GiB × {eng.gpu_memory_utilization} − "
+                     f"{per_device_weights / GIB:.3f} GiB weights = {free / GIB:.2f} GiB "
+                     "(upper bound: vLLM also reserves activation memory it profiles at start)")
+        lines.append(f"KV tokens per replica = {free:,} B / {kv_per_token_dev:,} B per token per GPU "
+                     f"= {kv_tokens:,}")
+    seqs = kv_tokens // max_len if max_len else 0
+    lines.append(f"sequences of max_model_len {max_len:,} per replica = {kv_tokens:,} // {max_len:,} = {seqs}")
+    if seqs < 1:
+        raise PlanError(f"not even one sequence of max_model_len={max_len} fits the KV cache "
+                        f"({kv_tokens} tokens); lower max_model_len or raise the KV budget")
+
+    return Plan(
+        model=facts.name, facts_from=facts.origin, device=device, gpus=n_gpus,
+        tensor_parallel_size=tp_size, replicas=replicas, valid_tp_sizes=tp_choices,
+        valid_layouts=layouts, num_params=facts.num_params, weight_bytes=weight_bytes,
+        weight_bytes_per_device=per_device_weights, kv_bytes_per_token=kv_per_token,
+        kv_bytes_per_token_per_device=kv_per_token_dev, kv_cache_bytes_per_replica=kv_bytes,
+        kv_tokens_per_replica=kv_tokens, max_model_len=max_len,
+        max_seqs_at_max_len_per_replica=seqs, total_kv_tokens=kv_tokens * replicas,
+        arithmetic=lines, warnings=warnings,
+    )
+
+
+def _tp_reason(facts: ModelFacts, tp: int, n_gpus: int) -> str:
+    if tp > n_gpus:
+        return f"tensor_parallel_size={tp} needs {tp} GPUs, only {n_gpus} configured"
+    if facts.num_attention_heads % tp:
+        return (f"tensor_parallel_size={tp} is invalid: {facts.num_attention_heads} attention heads "
+                f"are not divisible by {tp}")
+    return (f"tensor_parallel_size={tp} is invalid: {facts.num_kv_heads} KV heads can neither be "
+            f"split nor evenly replicated across {tp} GPUs")
+
+
+def _weight_bytes(cfg: DeploymentConfig, facts: ModelFacts, lines: list[str]) -> int:
+    q = cfg.model.quantization
+    dtype_b = _DTYPE_BYTES[cfg.model.dtype]
+    if q == "none" or (q == "fp8" and not cfg.model.fp8_weights):
+        lines.append(f"weights = {facts.num_params:,} params × {dtype_b} B = {facts.num_params * dtype_b:,} B")
+        return facts.num_params * dtype_b
+    embed = facts.vocab_size * facts.hidden_size * (1 if facts.tie_word_embeddings else 2)
+    body = facts.num_params - embed
+    total = int(embed * 2 + body * _QUANT_BYTES[q])
+    lines.append(f"weights = {embed:,} embedding params × 2 B + {body:,} params × "
+                 f"{_QUANT_BYTES[q]:.3f} B ({q}) = {total:,} B")
+    return total
+
+
+def _max_model_len(cfg: DeploymentConfig, facts: ModelFacts, warnings: list[str]) -> int:
+    mdl = cfg.model
+    native = facts.max_position_embeddings
+    limit = native
+    if mdl.yarn is not None:
+        limit = int(mdl.yarn.factor * mdl.yarn.original_max_position_embeddings)
+        if facts.num_params < 7_000_000_000:
+            warnings.append(
+                f"YaRN ×{mdl.yarn.factor:g} ({limit:,} tokens) on a {facts.num_params / 1e9:.1f}B model: "
+                "Qwen documents YaRN only for its 7B+ models; long-context quality is unverified. "
+                "vLLM's YaRN is static and may lower quality on short texts."
+            )
+    want = mdl.max_model_len or limit
+    if want > limit:
+        hint = " (set model.yarn to extend it)" if mdl.yarn is None else ""
+        raise PlanError(f"model.max_model_len={want:,} exceeds the model's context of {limit:,}{hint}")
+    return want
+
+
+def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> None:
+    mdl, eng = cfg.model, cfg.engine
+    if device == "cpu":
+        if mdl.quantization != "none":
+            raise PlanError(f"model.quantization={mdl.quantization!r} is not supported on CPU "
+                            "(CPU runs bf16 or fp32 only)")
+        if mdl.dtype == "float16":
+            raise PlanError("model.dtype='float16' is not supported on CPU (use bfloat16 or float32)")
+        if eng.kv_cache_dtype != "auto":
+            raise PlanError(f"engine.kv_cache_dtype={eng.kv_cache_dtype!r} is not supported on CPU")
+        return
+    fp8 = mdl.quantization == "fp8" or eng.kv_cache_dtype.startswith("fp8")
+    arch = cfg.topology.gpu_arch
+    if fp8 and arch is not None and arch not in _FP8_ARCHS:
+        raise PlanError(f"fp8 needs an Ada or Hopper GPU (or newer); topology.gpu_arch={arch!r}")
+    if fp8 and arch is None:
+        warnings.append("fp8 requested but topology.gpu_arch is unset: cannot verify Ada/Hopper")
+    if mdl.quantization in {"awq", "gptq", "gguf"}:
+        warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
+                        "that way (model.source must point at it)")
+
+
+def format_plan(plan: Plan) -> str:
+    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    out = [
+        f"model            {plan.model}  (facts from {plan.facts_from})",
+        f"device           {plan.device}" + (f", {plan.gpus} GPUs" if plan.device != "cpu" else ""),
+        f"layout           {plan.replicas} replicas × TP{plan.tensor_parallel_size}",
+        f"valid TP sizes   {plan.valid_tp_sizes}   layouts: {', '.join(plan.valid_layouts)}",
+        f"parameters       {plan.num_params:,}",
+        f"weights          {plan.weight_bytes:,} B ({gib(plan.weight_bytes)}), "
+        f"{gib(plan.weight_bytes_per_device)} per device",
+        f"KV bytes/token   {plan.kv_bytes_per_token:,}",
+        f"KV per replica   {gib(plan.kv_cache_bytes_per_replica)} = {plan.kv_tokens_per_replica:,} tokens",
+        f"max_model_len    {plan.max_model_len:,}: {plan.max_seqs_at_max_len_per_replica} full-length "
+        f"sequences per replica, {plan.total_kv_tokens:,} KV tokens in all",
+        "arithmetic:",
+        *(f"  {line}" for line in plan.arithmetic),
+    ]
+    out += [f"WARNING: {w}" for w in plan.warnings]
+    return "\n".join(out)
