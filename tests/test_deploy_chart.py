@@ -1,0 +1,165 @@
+"""What the Helm chart and the images actually run, checked on rendered output.
+
+The chart embeds the serving config with the same schema as deploy/configs, so the
+ConfigMap each profile renders must load with serving.config.load_config; GPU
+requests must follow replicas x tensor_parallel_size; SIGKILL must never cut the
+server's drain; values.schema.json must reject wrong types. Rendering runs with the
+Helm 3 CLI (deploy/check.sh render) and, for lint and render, with Helm 4 through
+helm-python-sdk, so both major versions users run accept the chart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from serving.config import DeploymentConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CHART = REPO / "helm/qwen-serve"
+CHECK = REPO / "deploy/check.sh"
+PROFILES = sorted(CHART.glob("values*.yaml")) + sorted((CHART / "ci").glob("*.yaml"))
+
+
+def render(values: Path, *extra: str) -> list[dict[str, Any]]:
+    result = subprocess.run(["bash", str(CHECK), "render", str(values), *extra],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def serving_config(docs, tmp_path: Path) -> DeploymentConfig:
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config"))
+    path = tmp_path / "config.yaml"
+    path.write_text(cm["data"]["config.yaml"])
+    return load_config(path, environ={})
+
+
+def serve_container(pod_spec: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in pod_spec["containers"] if c["name"] == "qwen-serve")
+
+
+def test_4x4090d_profile_requests_four_gpus_for_four_tp1_replicas(tmp_path):
+    docs = render(CHART / "values-4x4090d.yaml")
+    config = serving_config(docs, tmp_path)
+    assert (config.topology.replicas, config.topology.tensor_parallel_size) == (4, 1)
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    container = serve_container(pod)
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert container["command"] == ["qwen-serve", "serve", "--config", "/etc/qwen-serve/config.yaml"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert not [d for d in docs if d["kind"] == "RayService"]
+
+
+def test_7b_tp4_kuberay_profile_renders_a_rayservice_with_tp4_workers(tmp_path):
+    docs = render(CHART / "values-7b-tp4-kuberay.yaml")
+    config = serving_config(docs, tmp_path)
+    assert config.topology.tensor_parallel_size == 4
+    ray = one(docs, "RayService")
+    assert ray["apiVersion"] == "ray.io/v1"
+    cluster = ray["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    assert head["containers"][0]["name"] == "ray-head"
+    assert serve_container(head)["command"][:2] == ["qwen-serve", "serve"]
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (1, 3)
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert not [d for d in docs if d["kind"] == "Deployment"]
+
+
+def test_cpu_profile_requests_no_gpu_and_serves_the_embedded_model(tmp_path):
+    docs = render(CHART / "values-cpu.yaml")
+    config = serving_config(docs, tmp_path)
+    assert config.engine.device == "cpu" and config.served_model_name == "smollm2-135m-instruct"
+    container = serve_container(one(docs, "Deployment")["spec"]["template"]["spec"])
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+
+
+@pytest.mark.parametrize("values", PROFILES, ids=lambda p: p.name)
+def test_grace_period_outlasts_prestop_plus_drain(values, tmp_path):
+    docs = render(values)
+    config = serving_config(docs, tmp_path)
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+    pods += [d["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+             for d in docs if d["kind"] == "RayService"]
+    assert pods
+    for pod in pods:
+        sleep = int(serve_container(pod)["lifecycle"]["preStop"]["exec"]["command"][1])
+        assert pod["terminationGracePeriodSeconds"] > math.ceil(config.server.drain_timeout_s) + sleep
+
+
+@pytest.mark.parametrize("override", [
+    "serving.topology.replicas=four",          # a string where the config wants an int
+    "serving.server.port=99999",               # out of range
+    "serving.router.policy=random",            # not one of the policies
+    "serving.engine.no_such_flag=true",        # unknown key
+    "mode=swarm",
+])
+def test_values_schema_rejects_wrong_values(override):
+    result = subprocess.run(["bash", str(CHECK), "render", str(CHART / "values.yaml"), "--set", override],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0, f"--set {override} was accepted"
+
+
+def test_values_schema_embeds_the_serving_config_schema_unchanged():
+    """Drift guard: the chart's `serving` schema is serving/config.py's, not a copy that ages."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    expected = DeploymentConfig.model_json_schema()
+    defs = expected.pop("$defs")
+    assert schema["properties"]["serving"]["$ref"] == "#/$defs/DeploymentConfig"
+    assert schema["$defs"]["DeploymentConfig"] == expected
+    for name, sub in defs.items():
+        assert schema["$defs"][name] == sub, name
+
+
+@pytest.mark.parametrize(("values", "config", "sections"), [
+    ("values-4x4090d.yaml", "qwen2.5-0.5b-4x4090d.yaml", ("model", "engine", "topology", "router", "server")),
+    ("values-cpu.yaml", "local-cpu.yaml", ("model", "engine", "topology", "router", "server")),
+    ("values-7b-tp4-kuberay.yaml", "qwen2.5-7b-4x4090d-tp4.yaml", ("model", "engine", "topology")),
+])
+def test_chart_profiles_serve_what_deploy_configs_say(values, config, sections, tmp_path):
+    """Drift guard: a chart profile is its deploy/configs file (plus pod-only settings)."""
+    rendered = serving_config(render(CHART / values), tmp_path).model_dump()
+    expected = load_config(REPO / "deploy/configs" / config, environ={}).model_dump()
+    expected["server"]["host"] = "0.0.0.0"  # in a pod the ingress listens beyond loopback
+    for section in sections:
+        assert rendered[section] == expected[section], section
+
+
+def test_images_bake_in_existing_profiles():
+    for dockerfile in (REPO / "deploy/docker/Dockerfile.gpu", REPO / "deploy/docker/Dockerfile.cpu"):
+        text = dockerfile.read_text()
+        (source,) = [line.split()[1] for line in text.splitlines()
+                     if line.startswith("COPY ") and line.rstrip().endswith("/etc/qwen-serve/config.yaml")]
+        load_config(REPO / source, environ={})
+        assert 'ENTRYPOINT ["qwen-serve", "serve", "--config", "/etc/qwen-serve/config.yaml"]' in text
+        assert "HEALTHCHECK" in text and "/ready" in text
+        assert "\nUSER 10001" in text
+
+
+@pytest.mark.parametrize("values", PROFILES, ids=lambda p: p.name)
+def test_helm4_lints_strictly_and_renders(values):
+    subprocess.run(["bash", str(CHECK), "tools"], check=True, timeout=600)  # installs helm-python-sdk
+    import helm_python as helm
+    from helm_python import chart as helm_chart
+
+    user = yaml.safe_load(values.read_text())
+    report = helm_chart.lint(str(CHART), user, strict=True, kube_version="v1.33.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+    assert not problems, problems
+    rendered = helm.Chart.load(str(CHART)).render(user, name="qwen", namespace="qwen")
+    assert any("kind: ConfigMap" in text for text in rendered.values())
