@@ -76,7 +76,9 @@ def start_stack(tmp_dir: Path, *extra: str, name: str = "stack") -> Stack:
         wait_ready(stack.base_url, STARTUP_TIMEOUT_S, proc)
     except BaseException:
         stop_stack(stack)
-        raise RuntimeError(f"stack failed to start; log tail:\n{stack.log_tail()}") from None
+        raise RuntimeError(
+            "stack failed to start (on a shared dev machine, reuse a running stack with "
+            f"QWEN_SERVE_TEST_URL=http://127.0.0.1:PORT); log tail:\n{stack.log_tail()}") from None
     return stack
 
 

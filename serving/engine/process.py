@@ -1,9 +1,10 @@
 """Start and stop one engine process so that it never outlives its replica.
 
-The replica actor can die abruptly (OOM, SIGKILL, node loss). The engine process
-gets SIGTERM from the kernel when that happens (PR_SET_PDEATHSIG). The kernel
-sends it when the *thread* that forked the child exits, so every spawn happens on
-one daemon thread that lives exactly as long as the process.
+The replica actor can die abruptly (OOM, SIGKILL, node loss). The engine runs
+under ``supervise`` (which takes the whole engine process tree down with it), and
+that shim gets SIGTERM from the kernel when the replica dies (PR_SET_PDEATHSIG).
+The kernel sends it when the *thread* that forked the child exits, so every spawn
+happens on one daemon thread that lives exactly as long as the process.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import queue
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -38,8 +40,9 @@ def _spawner_loop() -> None:
         done.set()
 
 
-def spawn(argv: list[str], env: dict[str, str], log=None) -> subprocess.Popen:
-    """Popen on the long-lived spawner thread; the child gets its own process group."""
+def spawn(argv: list[str], env: dict[str, str], log=None, grace_s: float = 20.0) -> subprocess.Popen:
+    """Start ``argv`` under the supervisor shim, from the long-lived spawner thread."""
+    argv = [sys.executable, "-m", "serving.engine.supervise", str(grace_s), "--", *argv]
     global _spawner
     with _lock:
         if _spawner is None:
@@ -54,15 +57,23 @@ def spawn(argv: list[str], env: dict[str, str], log=None) -> subprocess.Popen:
     return box[0]
 
 
+def engine_pid(proc: subprocess.Popen) -> int:
+    """PID of the vLLM server itself (the supervisor's child)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children()
+    except psutil.NoSuchProcess:
+        return proc.pid
+    return children[0].pid if children else proc.pid
+
+
 def stop(proc: subprocess.Popen, grace_s: float = 20.0) -> int | None:
-    """SIGTERM the engine's whole process group (API server + engine core), then SIGKILL."""
+    """Ask the supervisor to stop the engine tree; kill the process group if it hangs."""
     if proc.poll() is not None:
         return proc.returncode
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return proc.poll()
-    deadline = time.monotonic() + grace_s
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s + 10.0
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             break

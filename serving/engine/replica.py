@@ -48,10 +48,11 @@ class EngineReplica:
         self.proc = process.spawn(cmd, env, log=sys.stderr)
         self._stopping = threading.Event()
         self._wait_until_healthy(startup_timeout_s)
+        self.engine_pid = process.engine_pid(self.proc)
         self._registry = get_registry()
         self._beat()
         threading.Thread(target=self._heartbeat, name="registry-heartbeat", daemon=True).start()
-        logger.info("replica %s engine ready (pid %d)", self.replica_id, self.proc.pid)
+        logger.info("replica %s engine ready (pid %d)", self.replica_id, self.engine_pid)
 
     def _wait_until_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -70,7 +71,7 @@ class EngineReplica:
         raise TimeoutError(f"engine not healthy after {timeout_s:.0f}s")
 
     def _beat(self) -> None:
-        self._registry.register.remote(self.replica_id, self.url, self.proc.pid)
+        self._registry.register.remote(self.replica_id, self.url, self.engine_pid)
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(HEARTBEAT_S):
@@ -88,7 +89,7 @@ class EngineReplica:
             raise RuntimeError(f"engine /health answered {resp.status_code}")
 
     def info(self) -> dict:
-        return {"replica_id": self.replica_id, "url": self.url, "pid": self.proc.pid}
+        return {"replica_id": self.replica_id, "url": self.url, "pid": self.engine_pid}
 
     def __del__(self) -> None:
         # Serve calls __del__ on graceful shutdown; stop beating first so the

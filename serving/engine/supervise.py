@@ -1,0 +1,74 @@
+"""`python -m serving.engine.supervise GRACE -- CMD...`: run an engine, and never leak it.
+
+Why: vLLM's server starts an engine-core process, which starts workers. If the
+server is killed (or the Ray replica that owns it dies mid-startup) those
+descendants are orphaned and keep a core busy. This shim is a child subreaper,
+so every orphaned descendant re-parents to it; when the engine exits, or when
+we get SIGTERM (sent by the kernel if the owning replica dies: PR_SET_PDEATHSIG
+is set by process.spawn), it terminates all of them, waits ``GRACE`` seconds,
+kills what is left, and exits with the engine's code.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _terminate_all(grace_s: float) -> None:
+    me = psutil.Process()
+    procs = me.children(recursive=True)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    # Orphans re-parented to us while we waited are caught by a second sweep.
+    for p in alive + me.children(recursive=True):
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(me.children(recursive=True), timeout=5)
+
+
+def main(argv: list[str]) -> int:
+    grace_s = float(argv[0])
+    cmd = argv[argv.index("--") + 1:]
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    child = subprocess.Popen(cmd)
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if not stopping.is_set():
+            stopping.set()
+            try:
+                child.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    deadline = None
+    while child.poll() is None:
+        if stopping.is_set():
+            deadline = deadline or time.monotonic() + grace_s
+            if time.monotonic() > deadline:
+                break
+        time.sleep(0.2)
+    _terminate_all(grace_s if child.poll() is None else 5.0)
+    code = child.wait()
+    return code if code >= 0 else 128 - code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
