@@ -39,7 +39,7 @@ echo "install: qwen-serve [$extras]"
 
 if [[ $WITH_TEST == 1 ]]; then
   need=()
-  [[ -x /usr/bin/chromium ]] || need+=(chromium)
+  [[ -x /usr/bin/chromium ]] || need+=(chromium fonts-dejavu-core)
   command -v redis-server >/dev/null || need+=(redis-server)
   if (( ${#need[@]} )); then
     SUDO=""
