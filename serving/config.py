@@ -102,9 +102,40 @@ class AutoscalingConfig(_Section):
         return self
 
 
+class ResponseCacheConfig(_Section):
+    """Exact-match cache for deterministic requests (temperature 0 or a fixed seed)."""
+
+    enabled: bool = True
+    backend: Literal["memory", "redis"] = "memory"
+    max_bytes: int = Field(default=256 << 20, gt=0)
+    ttl_s: float = Field(default=600.0, gt=0)
+    redis_url: str | None = None
+    max_entry_bytes: int = Field(default=1 << 20, gt=0)
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> "ResponseCacheConfig":
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("backend 'redis' needs redis_url")
+        return self
+
+
 class RouterConfig(_Section):
     policy: RoutingPolicy = "power_of_two"
     autoscaling: AutoscalingConfig | None = None
+    response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
+
+
+class LimitsConfig(_Section):
+    """What the ingress refuses before any engine work (see ingress/admission.py)."""
+
+    max_body_bytes: int = Field(default=4 << 20, gt=0)
+    # Requests in flight across all replicas / per replica; beyond → 429 + Retry-After.
+    max_in_flight: int | None = Field(default=None, gt=0)
+    max_in_flight_per_replica: int | None = Field(default=None, gt=0)
+    max_n: int = Field(default=8, ge=1)
+    # Per API key (or per client address when keys are off).
+    requests_per_minute: int | None = Field(default=None, gt=0)
+    tokens_per_minute: int | None = Field(default=None, gt=0)
 
 
 class ServerConfig(_Section):
@@ -118,6 +149,9 @@ class ServerConfig(_Section):
     startup_timeout_s: float = Field(default=900.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     web_ui: bool = True
+    # Whether /metrics needs an API key too (probes /health and /ready never do).
+    metrics_require_key: bool = False
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 class DeploymentConfig(_Section):
@@ -126,6 +160,11 @@ class DeploymentConfig(_Section):
     topology: TopologyConfig = Field(default_factory=TopologyConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+
+    @property
+    def model_revision(self) -> str:
+        """What identifies the weights being served (part of every response-cache key)."""
+        return f"{self.model.source}@{self.model.revision or 'default'}"
 
     @property
     def served_model_name(self) -> str:

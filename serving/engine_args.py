@@ -8,6 +8,7 @@ vLLM spells it, and anything the schema does not name goes through
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 
@@ -24,6 +25,16 @@ class EngineLaunch:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     served_model_name: str = ""
+    device: str = "cpu"
+
+    def env_for_replica(self, rank: int, world_size: int) -> dict[str, str]:
+        """Per-replica environment. On CPU, vLLM's automatic OpenMP binding pins every
+        engine to the same cores, so several replicas on one machine get one core each."""
+        env = dict(self.env)
+        if self.device == "cpu" and world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+            cores = sorted(os.sched_getaffinity(0))
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[rank % len(cores)])
+        return env
 
     def command(self, host: str, port: int) -> list[str]:
         # `python -m` rather than the `vllm` console script: vllm-cpu's script fails
@@ -79,4 +90,4 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
     if device == "cpu":
         # The legacy variable would override the flag above with a whole-GiB figure.
         env["VLLM_CPU_KVCACHE_SPACE"] = ""
-    return EngineLaunch(argv=argv, env=env, served_model_name=cfg.served_model_name)
+    return EngineLaunch(argv=argv, env=env, served_model_name=cfg.served_model_name, device=device)

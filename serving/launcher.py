@@ -94,9 +94,14 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     from .engine.builder import APP_NAME, build_engine_app
     from .engine.registry import create_registry
     from .ingress.app import IngressSettings, build_app
+    from .ingress.auth import ApiKeyError, ApiKeys
     from .ingress.pool import ReplicaPool
 
     launch = build_engine_launch(cfg, facts, plan.device)
+    try:  # a bad keys file must fail before anything starts
+        keys = ApiKeys.load(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
+    except ApiKeyError as exc:
+        raise ServeError(str(exc)) from None
     _start_ray(cfg, plan, address)
     try:
         serve.start(proxy_location="Disabled")
@@ -110,8 +115,12 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             request_timeout_s=cfg.server.request_timeout_s,
             ready_timeout_s=cfg.server.ready_timeout_s,
             web_ui=cfg.server.web_ui,
+            limits=cfg.server.limits,
+            api_keys=keys,
+            metrics_require_key=cfg.server.metrics_require_key,
+            model_revision=cfg.model_revision,
         )
-        app = build_app(settings, pool)
+        app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress
         return asyncio.run(_serve(cfg, plan, app, state, pool, build_engine_app(cfg, launch, plan.device),
                                   APP_NAME))

@@ -35,12 +35,14 @@ def free_port(host: str) -> int:
 
 class EngineReplica:
     def __init__(self, launch: EngineLaunch, host: str, startup_timeout_s: float) -> None:
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        rank = getattr(ctx.rank, "rank", ctx.rank) or 0
         self.port = free_port(host)
         # Bound to all interfaces (replicas on several nodes): advertise this node's IP.
         advertise = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
         self.url = f"http://{advertise}:{self.port}"
-        env = {**os.environ, **launch.env}
+        env = {**os.environ, **launch.env_for_replica(rank, ctx.world_size)}
         env = {k: v for k, v in env.items() if v != ""}
         cmd = launch.command(host, self.port)
         logger.info("replica %s starting engine on %s: %s", self.replica_id, self.url, " ".join(cmd))

@@ -24,13 +24,19 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from .errors import error_response
+from ..config import LimitsConfig, ResponseCacheConfig
+from .admission import Admission, Rejected
+from .auth import ApiKeys
+from .cache import (CachedResponse, RedisResponseCache, ResponseCache, StreamCapture,
+                    sse_from_completion)
+from .errors import error_body, error_response
 from .metrics import RouterMetrics, fetch_replica_metrics
 from .pool import Replica, ReplicaPool
 from .routing import RoutingPolicy, make_policy, routing_text
 
 logger = logging.getLogger("qwen_serve.ingress")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+OPENAPI_FILE = Path(__file__).resolve().parent / "openapi.json"
 # Headers from the engine that describe the body we pass through unchanged.
 _PASS_HEADERS = ("content-type", "retry-after", "x-request-id")
 
@@ -43,6 +49,10 @@ class IngressSettings:
     request_timeout_s: float = 600.0
     ready_timeout_s: float = 10.0
     web_ui: bool = True
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    api_keys: ApiKeys | None = None
+    metrics_require_key: bool = False
+    model_revision: str = ""
 
 
 @dataclass
@@ -51,13 +61,23 @@ class IngressState:
     pool: ReplicaPool
     policy: RoutingPolicy
     metrics: RouterMetrics
+    admission: Admission
+    cache: ResponseCache | RedisResponseCache | None = None
     client: httpx.AsyncClient | None = None
     draining: bool = False
     ready_cache: tuple[float, int, dict] | None = None
     ready_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    @property
+    def in_flight(self) -> int:
+        return sum(r.in_flight for r in self.pool.replicas)
+
 
 class NoReplica(Exception):
+    pass
+
+
+class AtCapacity(Exception):
     pass
 
 
@@ -65,103 +85,180 @@ def _choose(state: IngressState, text: str, exclude: set[str]) -> Replica:
     candidates = [r for r in state.pool.available() if r.replica_id not in exclude]
     if not candidates:
         raise NoReplica
+    limits = state.settings.limits
+    if limits.max_in_flight is not None and state.in_flight >= limits.max_in_flight:
+        raise AtCapacity
+    if limits.max_in_flight_per_replica is not None:
+        candidates = [r for r in candidates if r.in_flight < limits.max_in_flight_per_replica]
+        if not candidates:
+            raise AtCapacity
     return state.policy.choose(candidates, text)
 
 
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _proxy(request: Request, state: IngressState, path: str, route: str) -> Response:
-    """Forward one OpenAI request; stream the engine's answer back unchanged."""
+    """Admit one OpenAI request, forward it, stream the engine's answer back unchanged."""
     started = time.perf_counter()
-    raw = await request.body()
     try:
-        body = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
-        body = None
-    model = body.get("model") if isinstance(body, dict) else None
+        admitted = await state.admission.admit(request)
+    except Rejected as rej:
+        state.metrics.rejected.labels(rej.reason).inc()
+        return _finish(state, route, "other", started, rej.response)
+    model = admitted.body.get("model")
     model_label = model if model == state.settings.model else "other"
-    if not isinstance(body, dict):
-        state.metrics.rejected.labels("invalid").inc()
-        return _finish(state, route, model_label, started,
-                       error_response(400, "The request body must be a JSON object.", code="invalid_json"))
-    text = routing_text(body)
+    body = admitted.body
+    key = None
+    if state.cache is not None and route in ("chat", "completions"):
+        if "no-cache" in request.headers.get("cache-control", "").lower():
+            state.metrics.cache.labels("bypass").inc()
+        else:
+            key = state.cache.key_for(route, body, state.settings.model_revision,
+                                      scope=admitted.key_id or "")
+            hit = await state.cache.get(key) if key else None
+            if hit is not None:
+                return _finish(state, route, model_label, started, _from_cache(route, body, hit))
     headers = {"content-type": "application/json"}
     if rid := request.headers.get("x-request-id"):
         headers["x-request-id"] = rid
+    deadline = time.monotonic() + state.settings.request_timeout_s
 
     tried: set[str] = set()
-    state.metrics.in_flight.labels(route).inc()
-    replica = None
-    try:
-        while True:
-            try:
-                replica = _choose(state, text, tried)
-            except NoReplica:
-                state.metrics.in_flight.labels(route).dec()
-                return _finish(state, route, model_label, started, error_response(
-                    503, "No engine replica is available; retry shortly.",
-                    code="no_replica", headers={"Retry-After": "1"}))
-            tried.add(replica.replica_id)
-            replica.in_flight += 1
-            upstream = state.client.build_request(
-                "POST", f"{replica.url}{path}", content=raw, headers=headers,
-                timeout=httpx.Timeout(state.settings.request_timeout_s, connect=2.0))
-            try:
-                resp = await state.client.send(upstream, stream=True)
-                break
-            except httpx.ConnectError:
+    while True:
+        try:
+            replica = _choose(state, admitted.prompt_text, tried)
+        except NoReplica:
+            return _finish(state, route, model_label, started, error_response(
+                503, "No engine replica is available; retry shortly.",
+                code="no_replica", headers={"Retry-After": "1"}))
+        except AtCapacity:
+            state.metrics.rejected.labels("overloaded").inc()
+            return _finish(state, route, model_label, started, error_response(
+                429, "The server is at capacity; retry shortly.", code="overloaded",
+                headers={"Retry-After": "1"}))
+        tried.add(replica.replica_id)
+        replica.in_flight += 1
+        state.metrics.in_flight.labels(route).inc()
+        upstream = state.client.build_request(
+            "POST", f"{replica.url}{path}", content=admitted.raw, headers=headers,
+            timeout=httpx.Timeout(state.settings.request_timeout_s, connect=2.0))
+        try:
+            resp = await state.client.send(upstream, stream=True)
+            break
+        except BaseException as exc:
+            replica.in_flight -= 1
+            state.metrics.in_flight.labels(route).dec()
+            if isinstance(exc, httpx.ConnectError):
                 # Nothing reached the engine, so trying another replica is safe.
-                replica.in_flight -= 1
                 replica.mark_down()
                 logger.warning("replica %s refused the connection; trying another", replica.replica_id)
-            except httpx.TimeoutException:
-                replica.in_flight -= 1
-                state.metrics.in_flight.labels(route).dec()
+                continue
+            if isinstance(exc, httpx.TimeoutException):
                 return _finish(state, route, model_label, started, error_response(
                     504, "The engine did not answer in time.", code="upstream_timeout"))
-    except BaseException:
-        state.metrics.in_flight.labels(route).dec()
-        raise
+            if isinstance(exc, httpx.HTTPError):
+                replica.mark_down()
+                return _finish(state, route, model_label, started, error_response(
+                    502, "The engine connection broke.", code="upstream_broken"))
+            raise
 
     out_headers = {k: v for k in _PASS_HEADERS if (v := resp.headers.get(k))}
     replica.served += 1
+    finished = False
 
     def done(status: int) -> None:
+        nonlocal finished
+        if finished:
+            return
+        finished = True
         replica.in_flight -= 1
         state.metrics.in_flight.labels(route).dec()
-        elapsed = time.perf_counter() - started
         state.metrics.requests.labels(route, str(status), model_label).inc()
-        state.metrics.duration.labels(route, model_label).observe(elapsed)
+        state.metrics.duration.labels(route, model_label).observe(time.perf_counter() - started)
 
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        async def relay():
-            first = True
-            try:
-                async for chunk in resp.aiter_raw():
-                    if first:
-                        state.metrics.ttfb.labels(route, model_label).observe(time.perf_counter() - started)
-                        first = False
-                    yield chunk
-            except httpx.HTTPError as exc:
-                # The engine went away mid-stream: end the SSE with an error event
-                # rather than a silently truncated stream.
-                logger.warning("stream from %s broke: %s", replica.replica_id, exc)
-                err = {"error": {"message": "The engine stopped mid-stream.", "type": "server_error",
-                                 "param": None, "code": "upstream_broken"}}
-                yield f"data: {json.dumps(err)}\n\n".encode()
-            finally:
-                await resp.aclose()
-                done(resp.status_code)
+        capture = StreamCapture(route) if key and resp.status_code == 200 else None
+        return StreamingResponse(_relay(state, resp, replica, route, model_label, started, deadline,
+                                        done, capture, key),
+                                 status_code=resp.status_code, headers=out_headers)
 
-        return StreamingResponse(relay(), status_code=resp.status_code, headers=out_headers)
-
+    # Non-streaming: race the engine's answer against the deadline and the client
+    # leaving; either way closing the upstream connection makes vLLM abort the request.
+    reading = asyncio.ensure_future(resp.aread())
+    leaving = asyncio.ensure_future(_until_disconnect(request))
     try:
-        content = await resp.aread()
-    except httpx.HTTPError:
+        await asyncio.wait({reading, leaving}, timeout=max(0.0, deadline - time.monotonic()),
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+        if not reading.done():
+            reading.cancel()
         await resp.aclose()
+    if reading.cancelled() or not reading.done():
+        if leaving.done() and not leaving.cancelled():
+            done(499)  # client closed the connection (nginx's convention)
+            return Response(status_code=499)
+        done(504)
+        return error_response(504, "The request exceeded its deadline.", code="deadline_exceeded")
+    if reading.exception() is not None:
         done(502)
         return error_response(502, "The engine connection broke.", code="upstream_broken")
-    await resp.aclose()
     done(resp.status_code)
+    content = reading.result()
+    if key and resp.status_code == 200:
+        await state.cache.put(key, CachedResponse(200, "application/json", content))
     return Response(content, status_code=resp.status_code, headers=out_headers)
+
+
+def _from_cache(route: str, body: dict, hit: CachedResponse) -> Response:
+    """Serve a cached answer in the shape asked for (SSE or one JSON body)."""
+    headers = {"x-cache": "hit"}
+    if body.get("stream") is True:
+        options = body.get("stream_options")
+        usage = isinstance(options, dict) and bool(options.get("include_usage"))
+        return Response(sse_from_completion(route, hit.body, usage), media_type="text/event-stream",
+                        headers=headers)
+    return Response(hit.body, status_code=hit.status, media_type=hit.content_type, headers=headers)
+
+
+async def _relay(state, resp, replica, route, model_label, started, deadline, done, capture, key):
+    """Pass SSE bytes through as they arrive; end cleanly on deadline or engine loss."""
+    loop = asyncio.get_running_loop()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        loop.create_task(resp.aclose())  # wakes the read below; vLLM sees the close and aborts
+
+    timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), expire)
+    first = True
+    try:
+        async for chunk in resp.aiter_raw():
+            if first:
+                state.metrics.ttfb.labels(route, model_label).observe(time.perf_counter() - started)
+                first = False
+            if capture is not None:
+                capture.feed(chunk)
+            yield chunk
+        if capture is not None and (full := capture.completion()) is not None:
+            await state.cache.put(key, CachedResponse(200, "application/json", full))
+    except (httpx.HTTPError, httpx.StreamClosed, RuntimeError) as exc:
+        # Deadline or engine gone mid-stream: finish the SSE with an error event
+        # rather than a silently truncated stream.
+        if expired:
+            err = error_body(504, "The request exceeded its deadline.", code="deadline_exceeded")
+        else:
+            logger.warning("stream from %s broke: %s", replica.replica_id, exc)
+            err = error_body(502, "The engine stopped mid-stream.", code="upstream_broken")
+        yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        timer.cancel()
+        await resp.aclose()
+        done(504 if expired else resp.status_code)
 
 
 def _finish(state: IngressState, route: str, model_label: str, started: float, resp: Response) -> Response:
@@ -234,9 +331,20 @@ async def _readiness(state: IngressState) -> tuple[int, dict]:
         return code, body
 
 
-def build_app(settings: IngressSettings, pool: ReplicaPool) -> Starlette:
+def build_app(settings: IngressSettings, pool: ReplicaPool,
+              cache_config: ResponseCacheConfig | None = None) -> Starlette:
+    metrics = RouterMetrics()
     state = IngressState(settings=settings, pool=pool, policy=make_policy(settings.policy),
-                         metrics=RouterMetrics())
+                         metrics=metrics, admission=Admission(settings.limits, settings.api_keys),
+                         cache=_make_cache(cache_config, metrics))
+
+    def authorized(request: Request, route: str) -> Response | None:
+        try:
+            state.admission.authenticate(request)
+        except Rejected as rej:
+            state.metrics.rejected.labels(rej.reason).inc()
+            return _finish(state, route, "other", time.perf_counter(), rej.response)
+        return None
 
     def guard(route: str):
         def wrap(handler):
@@ -268,7 +376,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool) -> Starlette:
 
     @guard("models")
     async def models(request: Request) -> Response:
-        return await _forward_get(state, "/v1/models", "models")
+        return authorized(request, "models") or await _forward_get(state, "/v1/models", "models")
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "draining" if state.draining else "ok"})
@@ -278,9 +386,15 @@ def build_app(settings: IngressSettings, pool: ReplicaPool) -> Starlette:
         return JSONResponse(body, status_code=code)
 
     async def metrics(request: Request) -> Response:
+        if settings.metrics_require_key and (denied := authorized(request, "metrics")):
+            return denied
         engine = await fetch_replica_metrics(state.client, state.pool.replicas)
         return Response(state.metrics.render() + engine,
                         media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def openapi(request: Request) -> Response:
+        # A static description of the ingress's routes (for clients and fuzzers).
+        return FileResponse(OPENAPI_FILE, media_type="application/json")
 
     async def index(request: Request) -> Response:
         page = WEB_DIR / "index.html"
@@ -296,6 +410,8 @@ def build_app(settings: IngressSettings, pool: ReplicaPool) -> Starlette:
 
     async def shutdown() -> None:
         await pool.stop()
+        if state.cache is not None:
+            await state.cache.aclose()
         if state.client is not None:
             await state.client.aclose()
 
@@ -309,6 +425,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/static", app=StaticFiles(directory=WEB_DIR), name="static"))
@@ -324,6 +441,15 @@ def build_app(settings: IngressSettings, pool: ReplicaPool) -> Starlette:
                     exception_handlers={404: _not_found, 405: _not_allowed})
     app.state.ingress = state
     return app
+
+
+def _make_cache(cfg: ResponseCacheConfig | None, metrics: RouterMetrics):
+    if cfg is None or not cfg.enabled:
+        return None
+    if cfg.backend == "redis":
+        return RedisResponseCache(cfg.redis_url, cfg.ttl_s, max_entry_bytes=cfg.max_entry_bytes,
+                                  metrics_counter=metrics.cache)
+    return ResponseCache(cfg.max_bytes, cfg.ttl_s, metrics.cache)
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

@@ -98,16 +98,24 @@ def make_policy(name: str) -> RoutingPolicy:
 
 
 def routing_text(body: dict) -> str:
-    """The text whose prefix identifies cached KV: chat messages in order, or the prompt."""
+    """The text whose prefix identifies cached KV: chat messages in order, or the prompt.
+
+    Any JSON may arrive here (validation is the engine's job), so anything that is
+    not the expected shape simply contributes no text.
+    """
     messages = body.get("messages")
     if isinstance(messages, list):
         parts = []
         for m in messages:
-            if isinstance(m, dict):
-                content = m.get("content")
-                if isinstance(content, list):
-                    content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-                parts.append(f"{m.get('role', '')}\n{content if isinstance(content, str) else ''}\n")
+            if not isinstance(m, dict):
+                continue
+            content = m.get("content")
+            if isinstance(content, list):
+                content = "".join(t for p in content if isinstance(p, dict)
+                                  and isinstance(t := p.get("text"), str))
+            role = m.get("role")
+            parts.append(f"{role if isinstance(role, str) else ''}\n"
+                         f"{content if isinstance(content, str) else ''}\n")
         return "".join(parts)
     prompt = body.get("prompt")
     if isinstance(prompt, str):

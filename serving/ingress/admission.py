@@ -1,0 +1,122 @@
+"""Admission: everything the ingress checks before a request may reach an engine.
+
+In order, cheapest first, each failure an OpenAI-style error: draining (503),
+API key (401), content type (415), body size (413), JSON (400), basic bounds
+(400), per-key rate limits (429 + Retry-After). Capacity (429 when every
+replica is at its in-flight bound) is checked when a replica is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from ..config import LimitsConfig
+from .auth import ApiKeys, bearer_token
+from .errors import error_response
+from .limits import KeyLimiter, estimate_tokens
+from .routing import routing_text
+
+
+@dataclass
+class Admitted:
+    raw: bytes
+    body: dict
+    prompt_text: str
+    key_id: str | None
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, response: Response) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = response
+
+
+class Admission:
+    def __init__(self, limits: LimitsConfig, keys: ApiKeys | None) -> None:
+        self.limits = limits
+        self.keys = keys
+        self.limiter = KeyLimiter(limits.requests_per_minute, limits.tokens_per_minute)
+
+    def authenticate(self, request: Request) -> str | None:
+        """The caller's key id, or None when keys are off; raises Rejected(401)."""
+        if self.keys is None:
+            return None
+        kid = self.keys.check(bearer_token(request.headers.get("authorization")))
+        if kid is None:
+            raise Rejected("unauthorized", error_response(
+                401, "Missing or invalid API key. Send it as 'Authorization: Bearer <key>'.",
+                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}))
+        return kid
+
+    async def admit(self, request: Request) -> Admitted:
+        kid = self.authenticate(request)
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() != "application/json":
+            raise Rejected("invalid", error_response(
+                415, "Content-Type must be application/json.", code="unsupported_media_type"))
+        raw = await self._read_body(request)
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise Rejected("invalid", error_response(
+                400, "The request body is not valid JSON.", code="invalid_json")) from None
+        if not isinstance(body, dict):
+            raise Rejected("invalid", error_response(
+                400, "The request body must be a JSON object.", code="invalid_json"))
+        self._check_bounds(body)
+        text = routing_text(body)
+        if self.limiter.enabled:
+            who = kid or (request.client.host if request.client else "anonymous")
+            wait = self.limiter.admit(who, estimate_tokens(body, text))
+            if wait:
+                raise Rejected("rate_limited", error_response(
+                    429, f"Rate limit reached for this key; retry after {wait:.0f}s.",
+                    code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"}))
+        return Admitted(raw, body, text, kid)
+
+    async def _read_body(self, request: Request) -> bytes:
+        cap = self.limits.max_body_bytes
+        too_large = Rejected("too_large", error_response(
+            413, f"The request body exceeds {cap} bytes.", code="request_too_large"))
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise too_large
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    raise too_large
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise Rejected("invalid", error_response(400, "The client went away.",
+                                                     code="client_disconnected")) from None
+        return b"".join(chunks)
+
+    def _check_bounds(self, body: dict) -> None:
+        def bad(param: str, message: str) -> Rejected:
+            return Rejected("invalid", error_response(400, message, param=param,
+                                                      code="invalid_value"))
+
+        n = body.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool)
+                              or not 1 <= n <= self.limits.max_n):
+            raise bad("n", f"n must be an integer from 1 to {self.limits.max_n}.")
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = body.get(name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise bad(name, f"{name} must be a positive integer.")
+        temperature = body.get("temperature")
+        if temperature is not None and (isinstance(temperature, bool)
+                                        or not isinstance(temperature, (int, float))
+                                        or not 0 <= temperature <= 2):
+            raise bad("temperature", "temperature must be a number from 0 to 2.")
+        top_p = body.get("top_p")
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                                  or not 0 < top_p <= 1):
+            raise bad("top_p", "top_p must be a number greater than 0 and at most 1.")

@@ -1,0 +1,90 @@
+"""Per-key rate limits: requests/min and tokens/min token buckets.
+
+Tokens are charged at admission from what the request can cost at most — its
+prompt length (≈ 4 characters a token, before any tokenization, so a rejected
+request costs the engine nothing) plus ``max_tokens`` (or a default) — because
+the ingress does not parse usage out of streams. The answer to an over-limit
+request is 429 with ``Retry-After``: the seconds until the bucket refills enough.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+CHARS_PER_TOKEN = 4
+DEFAULT_MAX_TOKENS = 256
+
+
+@dataclass
+class TokenBucket:
+    rate_per_s: float
+    capacity: float
+    level: float = -1.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        if self.level < 0:
+            self.level = self.capacity
+
+    def _refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate_per_s)
+        self.stamp = now
+
+    def wait_for(self, amount: float, now: float | None = None) -> float:
+        """0 if ``amount`` can be taken now, else the seconds until it can."""
+        now = time.monotonic() if now is None else now
+        self._refill(now)
+        amount = min(amount, self.capacity)  # a request bigger than a minute's budget waits a full minute
+        if self.level >= amount:
+            return 0.0
+        return (amount - self.level) / self.rate_per_s
+
+    def take(self, amount: float) -> None:
+        self.level -= min(amount, self.capacity)
+
+
+class KeyLimiter:
+    def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
+                 max_keys: int = 100_000) -> None:
+        self.rpm = requests_per_minute
+        self.tpm = tokens_per_minute
+        self.max_keys = max_keys
+        self._buckets: dict[str, tuple[TokenBucket | None, TokenBucket | None]] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    def _for(self, key: str):
+        pair = self._buckets.get(key)
+        if pair is None:
+            if len(self._buckets) >= self.max_keys:
+                self._buckets.pop(next(iter(self._buckets)))
+            pair = (TokenBucket(self.rpm / 60, self.rpm) if self.rpm else None,
+                    TokenBucket(self.tpm / 60, self.tpm) if self.tpm else None)
+            self._buckets[key] = pair
+        return pair
+
+    def admit(self, key: str, tokens: int) -> float:
+        """0 and charge both buckets if allowed; else the Retry-After seconds (nothing charged)."""
+        requests, toks = self._for(key)
+        now = time.monotonic()
+        wait = max(requests.wait_for(1, now) if requests else 0.0,
+                   toks.wait_for(tokens, now) if toks else 0.0)
+        if wait > 0:
+            return max(1.0, math.ceil(wait))
+        if requests:
+            requests.take(1)
+        if toks:
+            toks.take(tokens)
+        return 0.0
+
+
+def estimate_tokens(body: dict, prompt_text: str) -> int:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        max_tokens = DEFAULT_MAX_TOKENS
+    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
+    return len(prompt_text) // CHARS_PER_TOKEN + max_tokens * n
