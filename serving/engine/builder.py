@@ -34,6 +34,8 @@ def build_engine_app(cfg: DeploymentConfig, launch: EngineLaunch, device: str) -
             "max_replicas": auto.max_replicas,
             "initial_replicas": max(auto.min_replicas, min(topo.replicas, auto.max_replicas)),
             "target_ongoing_requests": auto.target_ongoing_requests,
+            # Requests bypass Serve's handles, so scale on the engines' own queues.
+            "policy": {"policy_function": "serving.engine.autoscaling:engine_queue_policy"},
         }
     deployment = serve.deployment(EngineReplica).options(**options)
     return deployment.bind(launch, cfg.server.replica_host, cfg.server.startup_timeout_s)

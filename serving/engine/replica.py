@@ -20,7 +20,7 @@ import ray.util
 from ray import serve
 
 from ..engine_args import EngineLaunch
-from . import process
+from . import autoscaling, process
 from .registry import get_registry
 
 logger = logging.getLogger("ray.serve")
@@ -89,6 +89,12 @@ class EngineReplica:
             resp = await client.get(f"{self.url}/health")
         if resp.status_code != 200:
             raise RuntimeError(f"engine /health answered {resp.status_code}")
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve polls this for the autoscaling policy (see autoscaling.py)."""
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            text = (await client.get(f"{self.url}/metrics")).text
+        return {autoscaling.METRIC: autoscaling.engine_requests(text)}
 
     def info(self) -> dict:
         return {"replica_id": self.replica_id, "url": self.url, "pid": self.engine_pid}

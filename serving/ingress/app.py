@@ -120,6 +120,8 @@ async def _proxy(request: Request, state: IngressState, path: str, route: str) -
                                       scope=admitted.key_id or "")
             hit = await state.cache.get(key) if key else None
             if hit is not None:
+                if body.get("stream") is True:
+                    state.metrics.ttfb.labels(route, model_label).observe(time.perf_counter() - started)
                 return _finish(state, route, model_label, started, _from_cache(route, body, hit))
     headers = {"content-type": "application/json"}
     if rid := request.headers.get("x-request-id"):
