@@ -63,6 +63,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
+def cmd_engine(args: argparse.Namespace) -> int:
+    """Bare vLLM with exactly the engine flags a replica of this config gets.
+
+    For A/B benchmarks (the stack against plain vLLM on the same engine) and for
+    debugging an engine outside Ray.
+    """
+    import os
+    import shlex
+
+    from .engine_args import build_engine_launch
+
+    cfg = _load(args)
+    facts, plan = _plan(cfg, args)
+    launch = build_engine_launch(cfg, facts, plan.device)
+    cmd = launch.command(args.host, args.port)
+    if args.print:
+        print(shlex.join(cmd))
+        return 0
+    env = {**os.environ, **launch.env}
+    env = {k: v for k, v in env.items() if v != ""}
+    os.execvpe(cmd[0], cmd, env)
+
+
 def cmd_model_prepare(args: argparse.Namespace) -> int:
     from . import embedded_model
 
@@ -95,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="ingress port (0 picks a free one)")
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("engine", help="run bare vLLM with the engine flags of a config (for A/B)")
+    _add_config_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--print", action="store_true", help="print the command instead of running it")
+    p.set_defaults(func=cmd_engine)
 
     p = sub.add_parser("model", help="the embedded default model")
     msub = p.add_subparsers(dest="model_command", required=True)
