@@ -8,90 +8,13 @@ already running instead (handy while developing).
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-STACK_CONFIG = ROOT / "deploy" / "configs" / "local-cpu.yaml"
+from benchmarks.stacks import ROOT, Stack, free_port, start_stack, stop_stack, wait_ready  # noqa: F401
+
 STARTUP_TIMEOUT_S = float(os.environ.get("QWEN_SERVE_TEST_STARTUP_S", "600"))
-
-
-@dataclass
-class Stack:
-    base_url: str
-    model: str
-    api_key: str | None
-    proc: subprocess.Popen | None
-    log_path: Path | None
-
-    def log_tail(self, lines: int = 60) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"qwen-serve exited with code {proc.returncode} before it was ready")
-        try:
-            resp = httpx.get(f"{base_url}/ready", timeout=15)
-            if resp.status_code == 200:
-                return
-            last = resp.text
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(1)
-    raise TimeoutError(f"stack not ready after {timeout_s:.0f}s: {last}")
-
-
-def start_stack(tmp_dir: Path, *extra: str, name: str = "stack") -> Stack:
-    """Start `qwen-serve serve` on a free loopback port and wait until /ready is 200."""
-    port = free_port()
-    log_path = tmp_dir / f"{name}.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--config", str(STACK_CONFIG),
-         "--host", "127.0.0.1", "--port", str(port), *extra],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-    )
-    stack = Stack(f"http://127.0.0.1:{port}", "smollm2-135m-instruct", None, proc, log_path)
-    try:
-        wait_ready(stack.base_url, STARTUP_TIMEOUT_S, proc)
-    except BaseException:
-        stop_stack(stack)
-        raise RuntimeError(
-            "stack failed to start (on a shared dev machine, reuse a running stack with "
-            f"QWEN_SERVE_TEST_URL=http://127.0.0.1:PORT); log tail:\n{stack.log_tail()}") from None
-    return stack
-
-
-def stop_stack(stack: Stack, timeout_s: float = 90) -> int | None:
-    proc = stack.proc
-    if proc is None or proc.poll() is not None:
-        return proc.returncode if proc else None
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +24,7 @@ def stack(tmp_path_factory) -> Stack:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         yield Stack(url.rstrip("/"), model, os.environ.get("QWEN_SERVE_TEST_API_KEY"), None, None)
         return
-    stack = start_stack(tmp_path_factory.mktemp("stack"))
+    stack = start_stack(tmp_path_factory.mktemp("stack"), timeout_s=STARTUP_TIMEOUT_S)
     try:
         yield stack
     finally:

@@ -1,0 +1,163 @@
+"""Issue-8 measurements on real stacks: prefix-affinity routing and the response cache.
+
+  python -m benchmarks.routing_cache prefix [-n 96] [--out DIR]
+      Shared-system-prompt workload on 1 replica, then on 2 replicas with
+      round_robin and with prefix_affinity: engine prefix-cache hit rate
+      (vllm:prefix_cache_hits / queries, from /metrics) and the share of
+      requests each replica served.
+  python -m benchmarks.routing_cache cache URL [-n 200]
+      Repeated identical deterministic queries against a running stack: uncached
+      (Cache-Control: no-cache) against cached, request rate and p50 latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from .stacks import start_stack, stop_stack
+
+SYSTEM = ("You are the support assistant of a hardware shop. Answer briefly and politely, "
+          "quote the order number when one is given, never invent stock levels, and "
+          "escalate safety issues to a human. ") * 6
+
+
+def _metric_sums(text: str, name: str) -> dict[str, float]:
+    """Per-replica sums of one vLLM counter from the ingress's /metrics."""
+    out: dict[str, float] = {}
+    for m in re.finditer(rf'^{re.escape(name)}\{{([^}}]*)\}}\s+([0-9.eE+-]+)$', text, re.MULTILINE):
+        replica = re.search(r'replica="([^"]*)"', m.group(1))
+        key = replica.group(1) if replica else ""
+        out[key] = out.get(key, 0.0) + float(m.group(2))
+    return out
+
+
+async def _send_all(base: str, model: str, n: int, concurrency: int) -> None:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int) -> None:
+            async with sem:
+                resp = await client.post(f"{base}/v1/chat/completions", json={
+                    "model": model, "max_tokens": 8, "temperature": 0.7,
+                    "messages": [{"role": "system", "content": SYSTEM},
+                                 {"role": "user", "content": f"Question {i}: where is my order {1000 + i}?"}]})
+                resp.raise_for_status()
+        await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def measure_prefix(stack, n: int, concurrency: int) -> dict:
+    before = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+    asyncio.run(_send_all(stack.base_url, stack.model, n, concurrency))
+    after = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+
+    def delta(name):
+        a, b = _metric_sums(after, name), _metric_sums(before, name)
+        return {k: a[k] - b.get(k, 0.0) for k in a}
+
+    hits, queries = delta("vllm:prefix_cache_hits_total"), delta("vllm:prefix_cache_queries_total")
+    served = delta("vllm:request_success_total")
+    total = sum(served.values()) or 1
+    return {"hit_rate": sum(hits.values()) / (sum(queries.values()) or 1),
+            "share": {k: v / total for k, v in sorted(served.items())},
+            "max_share": max(served.values()) / total if served else 0.0}
+
+
+def cmd_prefix(args) -> int:
+    layouts = [("1 replica", ["--set", "topology.replicas=1"]),
+               ("2 replicas, round_robin", ["--set", "topology.replicas=2", "--set", "router.policy=round_robin"]),
+               ("2 replicas, prefix_affinity", ["--set", "topology.replicas=2",
+                                                "--set", "router.policy=prefix_affinity"])]
+    results = {}
+    with tempfile.TemporaryDirectory() as logs:
+        for label, extra in layouts:
+            stack = start_stack(Path(logs), *extra, "--set", "router.response_cache.enabled=false",
+                                name=label.replace(" ", "_").replace(",", ""))
+            try:
+                results[label] = measure_prefix(stack, args.n, args.concurrency)
+            finally:
+                stop_stack(stack)
+            print(f"{label}: {json.dumps(results[label])}", flush=True)
+    single = results["1 replica"]["hit_rate"] or 1e-9
+    lines = ["| layout | prefix-cache hit rate | vs 1 replica | max share of requests |",
+             "|---|---|---|---|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {r['hit_rate']:.3f} | {r['hit_rate'] / single:.2f}× | {r['max_share']:.2f} |")
+    _write(args.out, "prefix-routing", results, lines)
+    return 0
+
+
+def cmd_cache(args) -> int:
+    body = {"model": args.model, "temperature": 0, "max_tokens": 32,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+
+    async def run(no_cache: bool) -> tuple[float, float]:
+        headers = {"Cache-Control": "no-cache"} if no_cache else {}
+        lat = []
+        async with httpx.AsyncClient(timeout=120) as client:
+            (await client.post(f"{args.url}/v1/chat/completions", json=body)).raise_for_status()  # fill
+            sem = asyncio.Semaphore(args.concurrency)
+
+            async def one():
+                async with sem:
+                    t = time.perf_counter()
+                    r = await client.post(f"{args.url}/v1/chat/completions", json=body, headers=headers)
+                    r.raise_for_status()
+                    lat.append(time.perf_counter() - t)
+            start = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(args.n)))
+            return args.n / (time.perf_counter() - start), statistics.median(lat)
+
+    if args.model is None:
+        body["model"] = httpx.get(f"{args.url}/v1/models").json()["data"][0]["id"]
+    uncached = asyncio.run(run(True))
+    cached = asyncio.run(run(False))
+    results = {"uncached_req_s": uncached[0], "uncached_p50_ms": uncached[1] * 1000,
+               "cached_req_s": cached[0], "cached_p50_ms": cached[1] * 1000,
+               "speedup": cached[0] / uncached[0]}
+    lines = ["| | req/s | p50 latency |", "|---|---|---|",
+             f"| uncached (Cache-Control: no-cache) | {uncached[0]:.1f} | {uncached[1] * 1000:.1f} ms |",
+             f"| response cache hit | {cached[0]:.1f} | {cached[1] * 1000:.2f} ms |",
+             f"| ratio | {results['speedup']:.0f}× | |"]
+    print("\n".join(lines))
+    _write(args.out, "response-cache", results, lines)
+    return 0
+
+
+def _write(out: str | None, name: str, results: dict, lines: list[str]) -> None:
+    print("\n".join(lines))
+    if out:
+        path = Path(out)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (path / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.routing_cache")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prefix")
+    p.add_argument("-n", type=int, default=96)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_prefix)
+    p = sub.add_parser("cache")
+    p.add_argument("url")
+    p.add_argument("-n", type=int, default=200)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--model")
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_cache)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
