@@ -48,6 +48,10 @@ class ApiKeys:
                 if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                     raise ApiKeyError(f"{path}:{number}: sha256: must be followed by 64 hex digits")
                 digests.append(digest)
+            elif any(not "!" <= c <= "~" for c in line):
+                # A bearer token is printable ASCII without spaces (RFC 6750); anything else
+                # could never be presented (HTTP headers arrive latin-1 decoded) or is a typo.
+                raise ApiKeyError(f"{path}:{number}: a key must be printable ASCII without spaces")
             else:
                 digests.append(key_digest(line))
         if not digests:

@@ -1,0 +1,275 @@
+"""Ingress guards without an engine: API keys, per-key token buckets, admission.
+
+These run the real admission code inside a real Starlette app (httpx's ASGI
+transport), so every status, header and body is the one a client would see; only
+the engine is absent (admission never reaches it). Time-dependent arithmetic is
+tested on the bucket with an explicit clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.config import LimitsConfig
+from serving.ingress.admission import Admission, Rejected
+from serving.ingress.auth import ApiKeyError, ApiKeys, bearer_token, key_id
+from serving.ingress.limits import KeyLimiter, TokenBucket, estimate_tokens
+
+PLAIN, HASHED = "sk-plain-0123456789", "sk-hashed-9876543210"
+
+
+def keys_file(tmp_path, text: str):
+    path = tmp_path / "keys.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def keys(tmp_path) -> ApiKeys:
+    digest = hashlib.sha256(HASHED.encode()).hexdigest()
+    return ApiKeys.load(keys_file(tmp_path, f"# team keys\n\n  {PLAIN}  \nsha256:{digest.upper()}\n"))
+
+
+# --- API keys ---------------------------------------------------------------
+
+def test_plain_and_hashed_keys_both_work_and_yield_short_ids(keys):
+    assert keys.check(PLAIN) == key_id(PLAIN) == hashlib.sha256(PLAIN.encode()).hexdigest()[:8]
+    assert keys.check(HASHED) == key_id(HASHED)
+    assert len(keys.digests) == 2  # the comment and the blank line are not keys
+
+
+@pytest.mark.parametrize("presented", [None, "", "sk-wrong", PLAIN + " ", PLAIN[:-1],
+                                       hashlib.sha256(HASHED.encode()).hexdigest()])
+def test_wrong_keys_are_refused(keys, presented):
+    # Presenting the stored hash itself must not authenticate.
+    assert keys.check(presented) is None
+
+
+@pytest.mark.parametrize("text, match", [
+    ("", "holds no keys"),
+    ("# only a comment\n", "holds no keys"),
+    ("sha256:abc\n", "64 hex digits"),
+    ("sha256:" + "g" * 64 + "\n", "64 hex digits"),
+    ("ключ-доступа\n", "printable ASCII"),
+    ("two words\n", "printable ASCII"),
+])
+def test_bad_key_files_fail_with_the_line(tmp_path, text, match):
+    with pytest.raises(ApiKeyError, match=match):
+        ApiKeys.load(keys_file(tmp_path, text))
+
+
+def test_missing_key_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ApiKeyError, match="cannot read API keys file"):
+        ApiKeys.load(tmp_path / "absent.txt")
+
+
+@pytest.mark.parametrize("header, token", [
+    ("Bearer abc", "abc"), ("bearer abc", "abc"), ("BEARER  abc ", "abc"),
+    ("Basic abc", None), ("Bearer", None), ("Bearer   ", None), ("abc", None), (None, None),
+])
+def test_bearer_parsing(header, token):
+    assert bearer_token(header) == token
+
+
+# --- token buckets ------------------------------------------------------------
+
+def test_bucket_refills_at_its_rate():
+    bucket = TokenBucket(rate_per_s=1.0, capacity=5, stamp=100.0)
+    for _ in range(5):
+        assert bucket.wait_for(1, now=100.0) == 0
+        bucket.take(1)
+    assert bucket.wait_for(1, now=100.0) == pytest.approx(1.0)
+    assert bucket.wait_for(1, now=100.5) == pytest.approx(0.5)
+    assert bucket.wait_for(1, now=101.0) == 0
+    # Never above capacity, however long it idles.
+    assert bucket.wait_for(5, now=10_000.0) == 0 and bucket.level == 5
+
+
+def test_request_bigger_than_the_bucket_waits_for_a_full_bucket_then_passes():
+    bucket = TokenBucket(rate_per_s=10.0, capacity=600, stamp=0.0)
+    bucket.take(600)
+    assert bucket.wait_for(10_000, now=0.0) == pytest.approx(60.0)
+    assert bucket.wait_for(10_000, now=60.0) == 0
+
+
+def test_requests_per_minute_limit_and_retry_after():
+    limiter = KeyLimiter(requests_per_minute=5, tokens_per_minute=None)
+    assert [limiter.admit("k1", 10) for _ in range(5)] == [0.0] * 5
+    # One request refills every 12 s; Retry-After is whole seconds, rounded up.
+    assert limiter.admit("k1", 10) == 12
+    assert limiter.admit("k2", 10) == 0  # keys have their own buckets
+
+
+def test_tokens_per_minute_limit_charges_nothing_when_refused():
+    limiter = KeyLimiter(requests_per_minute=None, tokens_per_minute=1000)
+    assert limiter.admit("k", 600) == 0
+    assert limiter.admit("k", 600) == 12  # 200 missing at 1000/60 per second
+    assert limiter.admit("k", 400) == 0   # the refused request took nothing
+
+
+def test_both_limits_answer_with_the_longer_wait():
+    limiter = KeyLimiter(requests_per_minute=60, tokens_per_minute=600)
+    assert limiter.admit("k", 600) == 0
+    assert limiter.admit("k", 300) == 30  # tokens: 30 s; requests: 1 s
+
+
+def test_disabled_limiter():
+    assert not KeyLimiter(None, None).enabled
+
+
+def test_token_estimate_is_prompt_quarter_plus_max_tokens_times_n():
+    assert estimate_tokens({"max_tokens": 10, "n": 3}, "x" * 400) == 100 + 30
+    assert estimate_tokens({"max_completion_tokens": 7}, "") == 7
+    assert estimate_tokens({}, "abcd") == 1 + 256  # no max_tokens: the default is charged
+    assert estimate_tokens({"max_tokens": "lots", "n": "two"}, "") == 256
+
+
+# --- admission through a real ASGI app ---------------------------------------
+
+def app_for(limits: LimitsConfig, keys: ApiKeys | None) -> Starlette:
+    admission = Admission(limits, keys)
+
+    async def endpoint(request: Request):
+        try:
+            admitted = await admission.admit(request)
+        except Rejected as rej:
+            return rej.response
+        return JSONResponse({"admitted": True, "key_id": admitted.key_id})
+
+    return Starlette(routes=[Route("/v1/completions", endpoint, methods=["POST"])])
+
+
+def client_for(app: Starlette) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ingress")
+
+
+def assert_openai_error(resp: httpx.Response, status: int, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    assert set(err) == {"message", "type", "param", "code"}
+    if param is not None:
+        assert err["param"] == param
+    return err
+
+
+GOOD = {"model": "m", "prompt": "hello", "max_tokens": 4}
+
+
+async def test_auth_is_checked_before_anything_else(keys):
+    async with client_for(app_for(LimitsConfig(), keys)) as client:
+        resp = await client.post("/v1/completions", content=b"not json",
+                                 headers={"content-type": "text/plain"})
+        err = assert_openai_error(resp, 401)
+        assert err["type"] == "authentication_error"
+        assert resp.headers["www-authenticate"] == "Bearer"
+        for key in (PLAIN, HASHED):
+            ok = await client.post("/v1/completions", json=GOOD,
+                                   headers={"authorization": f"Bearer {key}"})
+            assert ok.json() == {"admitted": True, "key_id": key_id(key)}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({**GOOD, "n": 0}, "n"), ({**GOOD, "n": 9}, "n"), ({**GOOD, "n": 2.0}, "n"), ({**GOOD, "n": True}, "n"),
+    ({**GOOD, "max_tokens": 0}, "max_tokens"), ({**GOOD, "max_tokens": -3}, "max_tokens"),
+    ({**GOOD, "max_tokens": "8"}, "max_tokens"), ({**GOOD, "max_completion_tokens": 1.5}, "max_completion_tokens"),
+    ({**GOOD, "temperature": -0.1}, "temperature"), ({**GOOD, "temperature": 2.5}, "temperature"),
+    ({**GOOD, "temperature": "hot"}, "temperature"), ({**GOOD, "top_p": 0}, "top_p"),
+    ({**GOOD, "top_p": 1.01}, "top_p"), ({**GOOD, "top_p": False}, "top_p"),
+])
+async def test_sampling_bounds_are_400_naming_the_parameter(body, param):
+    async with client_for(app_for(LimitsConfig(), None)) as client:
+        assert_openai_error(await client.post("/v1/completions", json=body), 400, param)
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1, 2]", b"\"text\"", b"\xff\xfe", b"", b"{\"temperature\": NaN}"])
+async def test_malformed_or_non_object_json_is_400(raw):
+    async with client_for(app_for(LimitsConfig(), None)) as client:
+        resp = await client.post("/v1/completions", content=raw,
+                                 headers={"content-type": "application/json"})
+        assert_openai_error(resp, 400)
+
+
+@pytest.mark.parametrize("ctype", ["text/plain", "application/x-www-form-urlencoded", "", "application/jsonx"])
+async def test_wrong_content_type_is_415(ctype):
+    async with client_for(app_for(LimitsConfig(), None)) as client:
+        resp = await client.post("/v1/completions", content=json.dumps(GOOD),
+                                 headers={"content-type": ctype})
+        assert_openai_error(resp, 415)
+
+
+async def test_body_size_cap_with_and_without_content_length():
+    async with client_for(app_for(LimitsConfig(max_body_bytes=1000), None)) as client:
+        big = json.dumps({**GOOD, "prompt": "x" * 2000}).encode()
+        assert_openai_error(await client.post("/v1/completions", content=big,
+                                              headers={"content-type": "application/json"}), 413)
+
+        async def chunked():  # no Content-Length: the cap applies while reading
+            for i in range(0, len(big), 100):
+                yield big[i:i + 100]
+        resp = await client.post("/v1/completions", content=chunked(),
+                                 headers={"content-type": "application/json"})
+        assert "content-length" not in resp.request.headers
+        assert_openai_error(resp, 413)
+        exact = json.dumps({**GOOD, "prompt": ""}).encode()
+        exact = exact.replace(b'"prompt": ""', b'"prompt": "' + b"y" * (1000 - len(exact)) + b'"')
+        assert len(exact) == 1000
+        ok = await client.post("/v1/completions", content=exact, headers={"content-type": "application/json"})
+        assert ok.status_code == 200
+
+
+async def test_rate_limit_429_has_retry_after_and_is_per_key(keys):
+    limits = LimitsConfig(requests_per_minute=2)
+    async with client_for(app_for(limits, keys)) as client:
+        auth = {"authorization": f"Bearer {PLAIN}"}
+        for _ in range(2):
+            assert (await client.post("/v1/completions", json=GOOD, headers=auth)).status_code == 200
+        resp = await client.post("/v1/completions", json=GOOD, headers=auth)
+        err = assert_openai_error(resp, 429)
+        assert err["type"] == "rate_limit_error" and int(resp.headers["retry-after"]) == 30
+        other = await client.post("/v1/completions", json=GOOD, headers={"authorization": f"Bearer {HASHED}"})
+        assert other.status_code == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12)
+message_like = st.fixed_dictionaries({}, optional={
+    "role": json_values, "content": json_values | st.lists(st.dictionaries(
+        st.sampled_from(["type", "text", "image_url"]), json_values, max_size=3), max_size=3)})
+bodies = st.fixed_dictionaries({}, optional={
+    "model": json_values, "prompt": json_values, "messages": st.lists(message_like, max_size=3) | json_values,
+    "max_tokens": json_values, "max_completion_tokens": json_values, "n": json_values,
+    "temperature": json_values, "top_p": json_values, "stream": json_values,
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          database=None)
+@given(body=bodies)
+@example(body={"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]})
+@example(body={"messages": [{"role": "user", "content": [{"type": "text", "text": None}]}]})
+def test_admission_answers_every_json_body_without_crashing(body):
+    """Any JSON object is either admitted or refused with an OpenAI-shaped 4xx — never an exception."""
+    import asyncio
+
+    async def run() -> httpx.Response:
+        async with client_for(app_for(LimitsConfig(tokens_per_minute=10**9), None)) as client:
+            return await client.post("/v1/completions", json=body)
+
+    resp = asyncio.run(run())
+    assert resp.status_code in (200, 400), resp.text
+    if resp.status_code == 400:
+        assert_openai_error(resp, 400)
