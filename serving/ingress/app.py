@@ -108,7 +108,7 @@ async def _proxy(request: Request, state: IngressState, path: str, route: str) -
     except Rejected as rej:
         state.metrics.rejected.labels(rej.reason).inc()
         return _finish(state, route, "other", started, rej.response)
-    model = admitted.body.get("model")
+    model = admitted.body.get("model") or state.settings.model
     model_label = model if model == state.settings.model else "other"
     body = admitted.body
     key = None
@@ -123,12 +123,37 @@ async def _proxy(request: Request, state: IngressState, path: str, route: str) -
                 if body.get("stream") is True:
                     state.metrics.ttfb.labels(route, model_label).observe(time.perf_counter() - started)
                 return _finish(state, route, model_label, started, _from_cache(route, body, hit))
+    deadline = time.monotonic() + state.settings.request_timeout_s
+    forward = _forward(request, state, admitted, path, route, model_label, started, deadline, key)
+    if body.get("stream") is True:
+        return await forward
+    # Non-streaming: vLLM answers only when done, so race the whole exchange against
+    # the deadline and the client leaving; cancelling it closes the upstream
+    # connection, and vLLM aborts the request when its connection closes.
+    work = asyncio.ensure_future(forward)
+    leaving = asyncio.ensure_future(_until_disconnect(request))
+    finished, _ = await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=max(0.0, deadline - time.monotonic()))
+    leaving.cancel()
+    if work in finished:
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await work
+    if leaving in finished:
+        return _finish(state, route, model_label, started, Response(status_code=499))  # nginx's code
+    return _finish(state, route, model_label, started, error_response(
+        504, "The request exceeded its deadline.", code="deadline_exceeded"))
+
+
+async def _forward(request: Request, state: IngressState, admitted, path: str, route: str,
+                   model_label: str, started: float, deadline: float, key: str | None) -> Response:
+    """Choose a replica, send, and pass the engine's answer back (streamed or whole)."""
     headers = {"content-type": "application/json"}
     if rid := request.headers.get("x-request-id"):
         headers["x-request-id"] = rid
-    deadline = time.monotonic() + state.settings.request_timeout_s
-
     tried: set[str] = set()
+    broken_once = False
     while True:
         try:
             replica = _choose(state, admitted.prompt_text, tried)
@@ -158,6 +183,14 @@ async def _proxy(request: Request, state: IngressState, path: str, route: str) -
                 replica.mark_down()
                 logger.warning("replica %s refused the connection; trying another", replica.replica_id)
                 continue
+            if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and not broken_once:
+                # A stale keep-alive connection, or an engine that died before
+                # answering (vLLM sends a plain answer's headers only when done):
+                # nothing reached the client and generation has no side effects, so
+                # try once more, the same replica included (its connection is new).
+                broken_once = True
+                tried.discard(replica.replica_id)
+                continue
             if isinstance(exc, httpx.TimeoutException):
                 return _finish(state, route, model_label, started, error_response(
                     504, "The engine did not answer in time.", code="upstream_timeout"))
@@ -171,13 +204,15 @@ async def _proxy(request: Request, state: IngressState, path: str, route: str) -
     replica.served += 1
     finished = False
 
-    def done(status: int) -> None:
+    def done(status: int | None) -> None:
         nonlocal finished
         if finished:
             return
         finished = True
         replica.in_flight -= 1
         state.metrics.in_flight.labels(route).dec()
+        if status is None:  # cancelled: the caller answers and counts it
+            return
         state.metrics.requests.labels(route, str(status), model_label).inc()
         state.metrics.duration.labels(route, model_label).observe(time.perf_counter() - started)
 
@@ -186,30 +221,17 @@ async def _proxy(request: Request, state: IngressState, path: str, route: str) -
         return StreamingResponse(_relay(state, resp, replica, route, model_label, started, deadline,
                                         done, capture, key),
                                  status_code=resp.status_code, headers=out_headers)
-
-    # Non-streaming: race the engine's answer against the deadline and the client
-    # leaving; either way closing the upstream connection makes vLLM abort the request.
-    reading = asyncio.ensure_future(resp.aread())
-    leaving = asyncio.ensure_future(_until_disconnect(request))
     try:
-        await asyncio.wait({reading, leaving}, timeout=max(0.0, deadline - time.monotonic()),
-                           return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        leaving.cancel()
-        if not reading.done():
-            reading.cancel()
-        await resp.aclose()
-    if reading.cancelled() or not reading.done():
-        if leaving.done() and not leaving.cancelled():
-            done(499)  # client closed the connection (nginx's convention)
-            return Response(status_code=499)
-        done(504)
-        return error_response(504, "The request exceeded its deadline.", code="deadline_exceeded")
-    if reading.exception() is not None:
+        content = await resp.aread()
+    except httpx.HTTPError:
         done(502)
         return error_response(502, "The engine connection broke.", code="upstream_broken")
+    except BaseException:
+        done(None)  # cancelled: the client left or the deadline passed
+        raise
+    finally:
+        await resp.aclose()
     done(resp.status_code)
-    content = reading.result()
     if key and resp.status_code == 200:
         await state.cache.put(key, CachedResponse(200, "application/json", content))
     return Response(content, status_code=resp.status_code, headers=out_headers)
@@ -315,7 +337,7 @@ async def _readiness(state: IngressState) -> tuple[int, dict]:
             ready += ok
             state.metrics.replica_up.labels(r.replica_id).set(1 if ok else 0)
             detail.append({"replica": r.replica_id, "ready": ok, "detail": why,
-                           "in_flight": r.in_flight})
+                           "in_flight": r.in_flight, "pid": r.pid})
         expected = state.settings.expected_replicas
         state.metrics.replicas.labels("ready").set(ready)
         state.metrics.replicas.labels("unready").set(max(len(replicas), expected) - ready)
