@@ -1,7 +1,7 @@
 """Issue-8 measurements on real stacks: prefix-affinity routing and the response cache.
 
-  python -m benchmarks.routing_cache prefix [-n 96] [--out DIR]
-      Shared-system-prompt workload on 1 replica, then on 2 replicas with
+  python -m benchmarks.routing_cache prefix [-n 96] [--prefixes 24] [--out DIR]
+      Shared-system-prompt workload (a few requests per prompt) on 1 replica, then on 2 replicas with
       round_robin and with prefix_affinity: engine prefix-cache hit rate
       (vllm:prefix_cache_hits / queries, from /metrics) and the share of
       requests each replica served.
@@ -40,22 +40,24 @@ def _metric_sums(text: str, name: str) -> dict[str, float]:
     return out
 
 
-async def _send_all(base: str, model: str, n: int, concurrency: int) -> None:
+async def _send_all(base: str, model: str, n: int, concurrency: int, prefixes: int) -> None:
+    """``n`` chat requests spread over ``prefixes`` distinct system prompts, interleaved:
+    affinity matters when a prefix's first visit to each replica is a miss."""
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300) as client:
         async def one(i: int) -> None:
             async with sem:
                 resp = await client.post(f"{base}/v1/chat/completions", json={
                     "model": model, "max_tokens": 8, "temperature": 0.7,
-                    "messages": [{"role": "system", "content": SYSTEM},
+                    "messages": [{"role": "system", "content": f"Desk {i % prefixes}. {SYSTEM}"},
                                  {"role": "user", "content": f"Question {i}: where is my order {1000 + i}?"}]})
                 resp.raise_for_status()
         await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def measure_prefix(stack, n: int, concurrency: int) -> dict:
+def measure_prefix(stack, n: int, concurrency: int, prefixes: int) -> dict:
     before = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
-    asyncio.run(_send_all(stack.base_url, stack.model, n, concurrency))
+    asyncio.run(_send_all(stack.base_url, stack.model, n, concurrency, prefixes))
     after = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
 
     def delta(name):
@@ -81,7 +83,7 @@ def cmd_prefix(args) -> int:
             stack = start_stack(Path(logs), *extra, "--set", "router.response_cache.enabled=false",
                                 name=label.replace(" ", "_").replace(",", ""))
             try:
-                results[label] = measure_prefix(stack, args.n, args.concurrency)
+                results[label] = measure_prefix(stack, args.n, args.concurrency, args.prefixes)
             finally:
                 stop_stack(stack)
             print(f"{label}: {json.dumps(results[label])}", flush=True)
@@ -145,6 +147,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prefix")
     p.add_argument("-n", type=int, default=96)
+    p.add_argument("--prefixes", type=int, default=24, help="distinct system prompts")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out")
     p.set_defaults(func=cmd_prefix)
