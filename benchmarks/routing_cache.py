@@ -1,6 +1,6 @@
 """Issue-8 measurements on real stacks: prefix-affinity routing and the response cache.
 
-  python -m benchmarks.routing_cache prefix [-n 96] [--prefixes 24] [--out DIR]
+  python -m benchmarks.routing_cache prefix [-n 96] [--prefixes 25] [--out DIR]
       Shared-system-prompt workload (a few requests per prompt) on 1 replica, then on 2 replicas with
       round_robin and with prefix_affinity: engine prefix-cache hit rate
       (vllm:prefix_cache_hits / queries, from /metrics) and the share of
@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prefix")
     p.add_argument("-n", type=int, default=96)
-    p.add_argument("--prefixes", type=int, default=24, help="distinct system prompts")
+    # Odd, so round-robin over 2 replicas does not land every prefix on one replica by accident.
+    p.add_argument("--prefixes", type=int, default=25, help="distinct system prompts")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out")
     p.set_defaults(func=cmd_prefix)
