@@ -382,21 +382,11 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
             return endpoint
         return wrap
 
-    @guard("chat")
-    async def chat(request: Request) -> Response:
-        return await _proxy(request, state, "/v1/chat/completions", "chat")
-
-    @guard("completions")
-    async def completions(request: Request) -> Response:
-        return await _proxy(request, state, "/v1/completions", "completions")
-
-    @guard("tokenize")
-    async def tokenize(request: Request) -> Response:
-        return await _proxy(request, state, "/tokenize", "tokenize")
-
-    @guard("detokenize")
-    async def detokenize(request: Request) -> Response:
-        return await _proxy(request, state, "/detokenize", "detokenize")
+    def proxied(path: str, route: str):
+        @guard(route)
+        async def endpoint(request: Request) -> Response:
+            return await _proxy(request, state, path, route)
+        return endpoint
 
     @guard("models")
     async def models(request: Request) -> Response:
@@ -440,11 +430,11 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
             await state.client.aclose()
 
     routes = [
-        Route("/v1/chat/completions", chat, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", proxied("/v1/chat/completions", "chat"), methods=["POST"]),
+        Route("/v1/completions", proxied("/v1/completions", "completions"), methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/tokenize", tokenize, methods=["POST"]),
-        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/tokenize", proxied("/tokenize", "tokenize"), methods=["POST"]),
+        Route("/detokenize", proxied("/detokenize", "detokenize"), methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
