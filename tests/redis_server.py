@@ -14,13 +14,9 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-INSTALL_HINT = "redis-server is missing: run tests/redis_install.sh (apt-get install redis-server)"
+from benchmarks.stacks import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+INSTALL_HINT = "redis-server is missing: run `make install-test` (apt-get install redis-server)"
 
 
 def _ping(port: int) -> bool:
@@ -39,7 +35,7 @@ def redis_server(maxmemory: str = "8mb", policy: str = "volatile-lru",
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(INSTALL_HINT)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--maxmemory", maxmemory, "--maxmemory-policy", policy, "--protected-mode", "yes",

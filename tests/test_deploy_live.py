@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any, Iterator
 import httpx
 import pytest
 import yaml
+
+from benchmarks.stacks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "deploy/grafana/dashboards").glob("*.json"))
@@ -43,12 +44,6 @@ OPTIONAL_PANELS = {
 # Values Grafana would substitute; the rate window spans the whole short test run.
 VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m",
              "${replica}": ".*", "$replica": ".*"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _panel_queries() -> list[tuple[str, str, str]]:
@@ -88,7 +83,7 @@ def prometheus(stack, tmp_path_factory) -> Iterator[str]:
         "scrape_configs": [job],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = (work / "prometheus.log").open("w")
     proc = subprocess.Popen(
         [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",

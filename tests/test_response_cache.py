@@ -337,7 +337,7 @@ async def test_redis_total_bounded_by_maxmemory(redis_url):
 
 
 async def test_redis_down_reads_as_miss():
-    from redis_server import _free_port
+    from benchmarks.stacks import free_port as _free_port
 
     cache = RedisResponseCache(f"redis://127.0.0.1:{_free_port()}/0", ttl_s=60, timeout_s=0.2)
     try:

@@ -1,6 +1,6 @@
 """The web chat page (`serving/web/`), driven in a real browser against the real stack.
 
-Debian's Chromium is launched through Playwright (`tests/web_install.sh` installs both;
+Debian's Chromium is launched through Playwright (`make install-test` installs both;
 no Playwright-downloaded browser is used). The page talks to the stack's own API, so the
 chat tests check the whole path a user takes: page -> ingress -> replica -> model.
 Only faults the real model cannot be made to produce on demand (an HTML reply, a 401
@@ -51,7 +51,7 @@ def browser() -> Iterator[object]:
     except ImportError:
         pytest.fail("PyPI 'playwright' is missing: run tests/web_install.sh .venv")
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run tests/web_install.sh (installs Debian chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run `make install-test` (installs Debian chromium)")
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         yield chromium

@@ -96,9 +96,6 @@ class EngineReplica:
             text = (await client.get(f"{self.url}/metrics")).text
         return {autoscaling.METRIC: autoscaling.engine_requests(text)}
 
-    def info(self) -> dict:
-        return {"replica_id": self.replica_id, "url": self.url, "pid": self.engine_pid}
-
     def __del__(self) -> None:
         # Serve calls __del__ on graceful shutdown; stop beating first so the
         # ingress stops routing here, then stop the engine's process group.

@@ -201,7 +201,6 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
             raise
 
     out_headers = {k: v for k in _PASS_HEADERS if (v := resp.headers.get(k))}
-    replica.served += 1
     finished = False
 
     def done(status: int | None) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 logger = logging.getLogger("qwen_serve.pool")
 
@@ -27,8 +27,6 @@ class Replica:
     pid: int
     in_flight: int = 0
     down_until: float = 0.0
-    served: int = 0
-    labels: dict = field(default_factory=dict)
 
     @property
     def available(self) -> bool:
@@ -43,7 +41,6 @@ class ReplicaPool:
         self._registry = registry
         self._replicas: dict[str, Replica] = {}
         self._task: asyncio.Task | None = None
-        self.changed = asyncio.Event()
 
     @property
     def replicas(self) -> list[Replica]:
@@ -65,8 +62,6 @@ class ReplicaPool:
                 logger.info("engine replica %s at %s joined", rid, entry["url"])
         for rid in self._replicas.keys() - fresh.keys():
             logger.warning("engine replica %s left", rid)
-        if fresh.keys() != self._replicas.keys():
-            self.changed.set()
         self._replicas = fresh
 
     async def _run(self, period_s: float) -> None:
