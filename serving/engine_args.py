@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .config import DeploymentConfig
 from .modelinfo import ModelFacts, resolve_source
+from .plan import max_model_len
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -41,14 +42,6 @@ class EngineLaunch:
         # looking up its own package name.
         return [sys.executable, "-m", VLLM_SERVER_MODULE, *self.argv,
                 "--host", host, "--port", str(port)]
-
-
-def max_model_len(cfg: DeploymentConfig, facts: ModelFacts) -> int:
-    if cfg.model.max_model_len:
-        return cfg.model.max_model_len
-    if cfg.model.yarn is not None:
-        return int(cfg.model.yarn.factor * cfg.model.yarn.original_max_position_embeddings)
-    return facts.max_position_embeddings
 
 
 def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -> EngineLaunch:

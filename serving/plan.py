@@ -185,19 +185,30 @@ def _weight_bytes(cfg: DeploymentConfig, facts: ModelFacts, lines: list[str]) ->
     return total
 
 
+def context_limit(cfg: DeploymentConfig, facts: ModelFacts) -> int:
+    """The longest context the model supports as configured (native, or YaRN-extended)."""
+    yarn = cfg.model.yarn
+    if yarn is not None:
+        return int(yarn.factor * yarn.original_max_position_embeddings)
+    return facts.max_position_embeddings
+
+
+def max_model_len(cfg: DeploymentConfig, facts: ModelFacts) -> int:
+    """The context length the engine will run with."""
+    return cfg.model.max_model_len or context_limit(cfg, facts)
+
+
 def _max_model_len(cfg: DeploymentConfig, facts: ModelFacts, warnings: list[str]) -> int:
     mdl = cfg.model
-    native = facts.max_position_embeddings
-    limit = native
+    limit = context_limit(cfg, facts)
     if mdl.yarn is not None:
-        limit = int(mdl.yarn.factor * mdl.yarn.original_max_position_embeddings)
         if facts.num_params < 7_000_000_000:
             warnings.append(
                 f"YaRN ×{mdl.yarn.factor:g} ({limit:,} tokens) on a {facts.num_params / 1e9:.1f}B model: "
                 "Qwen documents YaRN only for its 7B+ models; long-context quality is unverified. "
                 "vLLM's YaRN is static and may lower quality on short texts."
             )
-    want = mdl.max_model_len or limit
+    want = max_model_len(cfg, facts)
     if want > limit:
         hint = " (set model.yarn to extend it)" if mdl.yarn is None else ""
         raise PlanError(f"model.max_model_len={want:,} exceeds the model's context of {limit:,}{hint}")
