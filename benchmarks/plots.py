@@ -38,6 +38,21 @@ def _style_x(ax, levels: list[LevelResult]) -> None:
         ax.set_xscale("log", base=2)
 
 
+def _save_vs_load(fig, axes, levels: list[LevelResult], xlabel: str, title: str, path,
+                  legend_size: int):
+    """The shared finish of the load plots: x axis, grid, legend, title, PNG."""
+    for ax in axes:
+        _style_x(ax, levels)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _series(levels: list[LevelResult]) -> dict[str, list[list[LevelResult]]]:
     """target → list of level groups (repeats of the same shape grouped)."""
     out: dict[str, dict[str, list[LevelResult]]] = {}
@@ -68,16 +83,7 @@ def write_plots(levels: list[LevelResult], out_dir: Path, names: dict[str, str])
                 xs, ys = agg(groups, f"{fig_name}.{stat}")
                 ax.plot(xs, ys, style, label=f"{names.get(target, target)} {stat}")
             ax.set_title(title)
-    for ax in axes:
-        _style_x(ax, levels)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("Latency vs load")
-    fig.tight_layout()
-    paths.append(out_dir / "latency_vs_load.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save_vs_load(fig, axes, levels, xlabel, "Latency vs load", out_dir / "latency_vs_load.png", 7))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for target, groups in series.items():
@@ -87,16 +93,7 @@ def write_plots(levels: list[LevelResult], out_dir: Path, names: dict[str, str])
             xs, ys = agg(groups, fig_name)
             ax.plot(xs, ys, "-o", label=names.get(target, target))
             ax.set_title(title)
-    for ax in axes:
-        _style_x(ax, levels)
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Throughput vs load")
-    fig.tight_layout()
-    paths.append(out_dir / "throughput_vs_load.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save_vs_load(fig, axes, levels, xlabel, "Throughput vs load", out_dir / "throughput_vs_load.png", 8))
 
     for metric, title, fname in (("ttft", "TTFT", "ttft_cdf.png"), ("itl", "Inter-token latency",
                                                                      "itl_cdf.png")):
