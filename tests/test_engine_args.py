@@ -1,5 +1,7 @@
 """Config → vLLM flags: thin, and safe on CPU."""
 
+import dataclasses
+import os
 from pathlib import Path
 
 from serving.config import load_config
@@ -45,3 +47,21 @@ def test_yarn_override_keeps_rope_theta():
 def test_extra_args_pass_through_untouched():
     cfg = load_config(CONFIGS / "local-cpu.yaml", ["engine.extra_args=[--seed, '3']"], environ={})
     assert build_engine_launch(cfg, QWEN05, "cpu").argv[-2:] == ["--seed", "3"]
+
+
+def test_cpu_replicas_each_keep_to_their_own_core():
+    cfg = load_config(CONFIGS / "local-cpu.yaml", ["topology.replicas=2"], environ={})
+    launch = build_engine_launch(cfg, QWEN05, "cpu")
+    cores = sorted(os.sched_getaffinity(0))
+    first, second = launch.cpus_for_replica(0, 2), launch.cpus_for_replica(1, 2)
+    assert first == {cores[0]} and second == {cores[1 % len(cores)]}
+    # vLLM's OpenMP threads are bound to the same core the whole engine keeps to.
+    assert launch.env_for_replica(1, 2)["VLLM_CPU_OMP_THREADS_BIND"] == str(cores[1 % len(cores)])
+    # One replica keeps vLLM's own binding; so do GPU engines and an explicit user binding.
+    assert launch.cpus_for_replica(0, 1) is None
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in launch.env_for_replica(0, 1)
+    gpu = build_engine_launch(load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", environ={}), QWEN05, "cuda")
+    assert gpu.cpus_for_replica(2, 4) is None
+    pinned = dataclasses.replace(launch, env={**launch.env, "VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+    assert pinned.cpus_for_replica(1, 2) is None
+    assert pinned.env_for_replica(1, 2)["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"

@@ -6,12 +6,8 @@ that shim gets SIGTERM from the kernel when the replica dies (PR_SET_PDEATHSIG).
 The kernel sends it when the *thread* that forked the child exits, so every spawn
 happens on one daemon thread that lives exactly as long as the process.
 
-The engine gets its own process group (so ``stop`` can kill the whole tree) but
-not its own session: with the kernel's autogroup scheduling (on by default on
-desktop and VM kernels), every session is a scheduling group that gets an equal
-share of the CPU whatever its nice value, so an engine in a new session would
-compete with the ingress as an equal instead of yielding to it (measured on two
-cores: the ingress waited 4.4 s for a CPU in 17 s of overload; 429 p99 ~110 ms).
+The engine gets its own session (so ``stop`` can kill the whole tree, and so its
+scheduling group is its own: see ``supervise``).
 """
 
 from __future__ import annotations
@@ -31,24 +27,30 @@ _spawner: threading.Thread | None = None
 _lock = threading.Lock()
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _child_setup(cpus: set[int] | None):
+    def setup() -> None:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if cpus:
+            os.sched_setaffinity(0, cpus)  # inherited by the whole engine tree
+    return setup
 
 
 def _spawner_loop() -> None:
     while True:
-        argv, env, log, box, done = _requests.get()
+        argv, env, log, cpus, box, done = _requests.get()
         try:
             box.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                        process_group=0, preexec_fn=_die_with_parent))
+                                        start_new_session=True, preexec_fn=_child_setup(cpus)))
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller
             box.append(exc)
         done.set()
 
 
-def spawn(argv: list[str], env: dict[str, str], log=None, grace_s: float = 20.0) -> subprocess.Popen:
-    """Start ``argv`` under the supervisor shim, from the long-lived spawner thread."""
+def spawn(argv: list[str], env: dict[str, str], log=None, grace_s: float = 20.0,
+          cpus: set[int] | None = None) -> subprocess.Popen:
+    """Start ``argv`` under the supervisor shim, from the long-lived spawner thread,
+    kept to ``cpus`` when given."""
     argv = [sys.executable, "-m", "serving.engine.supervise", str(grace_s), "--", *argv]
     global _spawner
     with _lock:
@@ -57,7 +59,7 @@ def spawn(argv: list[str], env: dict[str, str], log=None, grace_s: float = 20.0)
             _spawner.start()
     box: list = []
     done = threading.Event()
-    _requests.put((argv, env, log, box, done))
+    _requests.put((argv, env, log, cpus, box, done))
     done.wait()
     if isinstance(box[0], BaseException):
         raise box[0]

@@ -47,7 +47,8 @@ class EngineReplica:
         cmd = launch.command(host, self.port)
         logger.info("replica %s starting engine on %s: %s", self.replica_id, self.url, " ".join(cmd))
         # The engine's output goes to this replica's log (Ray forwards it to the driver).
-        self.proc = process.spawn(cmd, env, log=sys.stderr)
+        self.proc = process.spawn(cmd, env, log=sys.stderr,
+                                  cpus=launch.cpus_for_replica(rank, ctx.world_size))
         self._stopping = threading.Event()
         self._wait_until_healthy(startup_timeout_s)
         self.engine_pid = process.engine_pid(self.proc)
