@@ -662,15 +662,26 @@ async def open_loop(base_url: str, rate: float, duration_s: float, body: dict = 
 
 
 class client_priority:
-    """Keep the load generator from measuring itself: run it ahead of the engines (as root)
-    and without garbage-collector pauses (this test process holds a large heap by now)."""
+    """Keep the load generator from measuring itself.
+
+    It shares two cores with the stack, so it runs ahead of the engines and without
+    garbage-collector pauses (this test process holds a large heap by now). With the
+    kernel's autogroup scheduling each session is a scheduling group whose share
+    ignores nice values inside it, so the session's group is raised too: at nice 0
+    the generator's group stalled for 1-3 s under overload and those stalls, not the
+    server, made the 429 p99. Both need root; otherwise the figures say what ran.
+    """
+
+    NICE = -10
 
     def __enter__(self):
         self.before = os.getpriority(os.PRIO_PROCESS, 0)
+        self.group_before = autogroup_nice()
         try:
-            os.setpriority(os.PRIO_PROCESS, 0, -10)
+            os.setpriority(os.PRIO_PROCESS, 0, self.NICE)
         except PermissionError:
             pass
+        set_autogroup_nice(self.NICE)
         gc.collect()
         gc.disable()
         return self
@@ -681,6 +692,29 @@ class client_priority:
             os.setpriority(os.PRIO_PROCESS, 0, self.before)
         except PermissionError:
             pass
+        if self.group_before is not None:
+            set_autogroup_nice(self.group_before)
+
+    @staticmethod
+    def figures() -> dict:
+        return {"client_nice": os.getpriority(os.PRIO_PROCESS, 0), "client_autogroup_nice": autogroup_nice()}
+
+
+AUTOGROUP = Path("/proc/self/autogroup")  # "/autogroup-N nice K" when autogroups are on
+
+
+def autogroup_nice() -> int | None:
+    try:
+        return int(AUTOGROUP.read_text().rsplit("nice", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def set_autogroup_nice(nice: int) -> None:
+    try:
+        AUTOGROUP.write_text(str(nice))
+    except OSError:
+        pass
 
 
 def ms(values: list[float], q: float | None = None) -> float | None:
@@ -695,7 +729,8 @@ OVERLOAD_S, CAPACITY_S, UNLOADED_S = 20, 10, 8
 def test_overload_fast_429_and_admitted_latency_holds(guarded):
     base = guarded.base_url
     wait_until_idle(base)
-    with client_priority():
+    with client_priority() as priority:
+        client = priority.figures()
         asyncio.run(closed_loop(base, 2, 2))  # warm up
         # One request at a time; ending at the first token gives many TTFT samples.
         unloaded = [o.ttft_s for o in asyncio.run(closed_loop(base, 1, UNLOADED_S, {**WORK, "max_tokens": 1}))
@@ -712,7 +747,7 @@ def test_overload_fast_429_and_admitted_latency_holds(guarded):
     rejected = [o for o in outcomes if o.status == 429]
     other = [o for o in outcomes if o.status not in (200, 429)]
     figures = {
-        "client_nice": -10, "load_avg_1m": round(os.getloadavg()[0], 1), "unloaded_requests": len(unloaded),
+        **client, "load_avg_1m": round(os.getloadavg()[0], 1), "unloaded_requests": len(unloaded),
         "unloaded_ttft_p50_ms": ms(unloaded), "unloaded_ttft_p99_ms": ms(unloaded, 99),
         "bound_in_flight": bound, "capacity_rps": round(capacity, 2),
         "at_bound_ttft_p50_ms": ms([o.ttft_s for o in served]),
@@ -741,6 +776,50 @@ def test_overload_fast_429_and_admitted_latency_holds(guarded):
     # (DEVELOPERS.md: speed targets live in benchmarks); docs/reliability.md has them.
     print(f"\noverload figures: {json.dumps(figures)}")
     assert httpx.get(f"{base}/ready", timeout=30).status_code == 200
+
+
+def listening_pid(base_url: str) -> int:
+    port = int(base_url.rsplit(":", 1)[1])
+    return next(c.pid for c in psutil.net_connections("tcp")
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid)
+
+
+def sched_group(pid: int) -> tuple[str, int] | None:
+    """(autogroup id, its nice) or None when the kernel has no autogroups."""
+    try:
+        name, _, nice = Path(f"/proc/{pid}/autogroup").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return name, int(nice)
+
+
+def test_engines_rank_below_the_ingress_for_the_cpu(guarded):
+    """What keeps the 429 fast on shared cores: every engine process yields to the
+    ingress, by nice and, with autogroups, by its session's priority (engine/supervise.py)."""
+    replicas = httpx.get(f"{guarded.base_url}/ready", timeout=30).json()["replicas"]
+    ingress = listening_pid(guarded.base_url)
+    ingress_group = sched_group(ingress)
+    for r in replicas:
+        engine = psutil.Process(r["pid"])
+        for proc in [engine, *engine.children(recursive=True)]:
+            assert proc.nice() > psutil.Process(ingress).nice(), proc
+            group = sched_group(proc.pid)
+            if group is not None and group[0] != ingress_group[0]:
+                assert group[1] > ingress_group[1], (proc, group, ingress_group)
+
+
+def test_each_engine_keeps_to_its_own_core(guarded):
+    """Two CPU replicas never share a core, whole process trees included (engine_args)."""
+    if len(os.sched_getaffinity(0)) < REPLICAS:
+        pytest.skip("fewer cores than replicas")
+    replicas = httpx.get(f"{guarded.base_url}/ready", timeout=30).json()["replicas"]
+    trees = []
+    for r in replicas:
+        engine = psutil.Process(r["pid"])
+        cores = {frozenset(p.cpu_affinity()) for p in [engine, *engine.children(recursive=True)]}
+        assert len(cores) == 1 and len(next(iter(cores))) == 1, cores
+        trees.append(next(iter(cores)))
+    assert len(set(trees)) == REPLICAS, trees
 
 
 # --- 6. replica loss -------------------------------------------------------------------
