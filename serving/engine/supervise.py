@@ -7,24 +7,11 @@ so every orphaned descendant re-parents to it; when the engine exits, or when
 we get SIGTERM (sent by the kernel if the owning replica dies: PR_SET_PDEATHSIG
 is set by process.spawn), it terminates all of them, waits ``GRACE`` seconds,
 kills what is left, and exits with the engine's code.
-
-It also gives the engine's session the engine's CPU priority. Ray starts its
-workers at nice 15 so that they yield to everything else, but with the kernel's
-autogroup scheduling (on by default on desktop and VM kernels) every session is
-one scheduling group, groups share the CPU equally, and nice only ranks tasks
-inside a group: an engine in its own session competed with the ingress as an
-equal (on two cores, 10x overload: the ingress waited 4.4 s for a CPU in 17 s,
-429 p99 ~110 ms). Keeping the engine in the ingress's session instead starved
-every other session on the machine for seconds (vLLM's engine processes spin
-on sched_yield while busy). A session at the engine's nice yields to both:
-429 p99 7-10 ms, a client in another session never stalled more than 60 ms.
-Raising a nice value needs no privilege; without autogroups this is a no-op.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import signal
 import subprocess
 import sys
@@ -54,16 +41,7 @@ def _terminate_all(grace_s: float) -> None:
     psutil.wait_procs(me.children(recursive=True), timeout=5)
 
 
-def _session_priority_follows_nice() -> None:
-    try:
-        with open("/proc/self/autogroup", "w") as f:
-            f.write(str(os.getpriority(os.PRIO_PROCESS, 0)))
-    except OSError:  # no autogroups (e.g. in a container's cgroup), or not allowed
-        pass
-
-
 def main(argv: list[str]) -> int:
-    _session_priority_follows_nice()
     grace_s = float(argv[0])
     cmd = argv[argv.index("--") + 1:]
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
