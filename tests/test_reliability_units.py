@@ -123,6 +123,17 @@ def test_both_limits_answer_with_the_longer_wait():
     assert limiter.admit("k", 300) == 30  # tokens: 30 s; requests: 1 s
 
 
+def test_a_refund_gives_back_both_charges_up_to_the_capacity():
+    limiter = KeyLimiter(requests_per_minute=1, tokens_per_minute=1000)
+    assert limiter.admit("k", 600) == 0
+    limiter.refund("k", 600)
+    assert limiter.admit("k", 1000) == 0  # the request and its 600 tokens came back
+    limiter.refund("k", 5000)
+    limiter.refund("k", 5000)
+    assert limiter.admit("k", 1000) == 0 and limiter.admit("k", 1) > 0  # never above a full bucket
+    limiter.refund("unknown", 10)  # nothing charged, nothing to give back
+
+
 def test_disabled_limiter():
     assert not KeyLimiter(None, None).enabled
 
@@ -273,3 +284,26 @@ def test_admission_answers_every_json_body_without_crashing(body):
     assert resp.status_code in (200, 400), resp.text
     if resp.status_code == 400:
         assert_openai_error(resp, 400)
+
+
+class _EmptyRegistry:
+    class snapshot:  # noqa: N801 - stands in for a Ray actor method
+        @staticmethod
+        async def remote(max_age_s: float) -> list[dict]:
+            return []
+
+
+async def test_requests_no_engine_saw_are_not_charged_to_the_key(keys):
+    """503 no_replica (and 429 at capacity) come after the rate-limit charge; the
+    retry a client makes must not then be refused for the attempt that never ran."""
+    from serving.ingress.app import IngressSettings, build_app
+    from serving.ingress.pool import ReplicaPool
+
+    settings = IngressSettings(model="m", expected_replicas=1, api_keys=keys,
+                               limits=LimitsConfig(tokens_per_minute=1000))
+    app = build_app(settings, ReplicaPool(_EmptyRegistry()))
+    body = {"model": "m", "prompt": "hello", "max_tokens": 600}
+    async with client_for(app) as client:
+        for _ in range(3):  # 3 x 600 > 1000 tokens/min: only refunds keep these 503, not 429
+            resp = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {PLAIN}"})
+            assert assert_openai_error(resp, 503)["code"] == "no_replica"

@@ -27,6 +27,9 @@ class Admitted:
     body: dict
     prompt_text: str
     key_id: str | None
+    # Whose rate-limit buckets were charged, and how many tokens (for a refund).
+    charged_to: str | None = None
+    charged_tokens: int = 0
 
 
 class Rejected(Exception):
@@ -70,14 +73,21 @@ class Admission:
                 400, "The request body must be a JSON object.", code="invalid_json"))
         self._check_bounds(body)
         text = routing_text(body)
-        if self.limiter.enabled:
-            who = kid or (request.client.host if request.client else "anonymous")
-            wait = self.limiter.admit(who, estimate_tokens(body, text))
-            if wait:
-                raise Rejected("rate_limited", error_response(
-                    429, f"Rate limit reached for this key; retry after {wait:.0f}s.",
-                    code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"}))
-        return Admitted(raw, body, text, kid)
+        if not self.limiter.enabled:
+            return Admitted(raw, body, text, kid)
+        who = kid or (request.client.host if request.client else "anonymous")
+        tokens = estimate_tokens(body, text)
+        wait = self.limiter.admit(who, tokens)
+        if wait:
+            raise Rejected("rate_limited", error_response(
+                429, f"Rate limit reached for this key; retry after {wait:.0f}s.",
+                code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"}))
+        return Admitted(raw, body, text, kid, charged_to=who, charged_tokens=tokens)
+
+    def refund(self, admitted: Admitted) -> None:
+        """Give back what ``admit`` charged, for a request that reached no engine."""
+        if admitted.charged_to is not None:
+            self.limiter.refund(admitted.charged_to, admitted.charged_tokens)
 
     async def _read_body(self, request: Request) -> bytes:
         cap = self.limits.max_body_bytes

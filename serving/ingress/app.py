@@ -158,10 +158,12 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
         try:
             replica = _choose(state, admitted.prompt_text, tried)
         except NoReplica:
+            state.admission.refund(admitted)  # no engine saw it: the retry is not charged twice
             return _finish(state, route, model_label, started, error_response(
                 503, "No engine replica is available; retry shortly.",
                 code="no_replica", headers={"Retry-After": "1"}))
         except AtCapacity:
+            state.admission.refund(admitted)
             state.metrics.rejected.labels("overloaded").inc()
             return _finish(state, route, model_label, started, error_response(
                 429, "The server is at capacity; retry shortly.", code="overloaded",

@@ -44,6 +44,9 @@ class TokenBucket:
     def take(self, amount: float) -> None:
         self.level -= min(amount, self.capacity)
 
+    def give_back(self, amount: float) -> None:
+        self.level = min(self.capacity, self.level + min(amount, self.capacity))
+
 
 class KeyLimiter:
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
@@ -80,6 +83,18 @@ class KeyLimiter:
         if toks:
             toks.take(tokens)
         return 0.0
+
+
+    def refund(self, key: str, tokens: int) -> None:
+        """Undo an ``admit`` charge for a request no engine saw (e.g. 429 at capacity)."""
+        pair = self._buckets.get(key)
+        if pair is None:
+            return
+        requests, toks = pair
+        if requests:
+            requests.give_back(1)
+        if toks:
+            toks.give_back(tokens)
 
 
 def estimate_tokens(body: dict, prompt_text: str) -> int:
