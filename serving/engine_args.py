@@ -34,10 +34,10 @@ class EngineLaunch:
         vLLM's automatic OpenMP binding pins every engine to the same cores, so each
         replica gets its own. The whole engine (HTTP server, engine core, worker) is
         kept there, not only its OpenMP threads: its engine core spins on
-        sched_yield while the worker computes, and engine cores spinning on every
-        core left the ingress a third of a core. Measured with two replicas on two
-        cores at 10x overload: 429 p99 62-138 ms -> 3.5-6.3 ms, capacity 8.5 -> 9.6
-        req/s.
+        sched_yield while the worker computes, and engine cores spinning on both
+        cores kept the ingress waiting for a CPU (4.4 s in 17 s of overload).
+        Measured with two replicas on two cores at 10x overload: 429 p99 62-138 ms
+        -> 3.5-6.3 ms, capacity 8.5 -> 9.6 req/s.
         """
         if self.device != "cpu" or world_size <= 1 or "VLLM_CPU_OMP_THREADS_BIND" in self.env:
             return None

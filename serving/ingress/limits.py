@@ -84,7 +84,6 @@ class KeyLimiter:
             toks.take(tokens)
         return 0.0
 
-
     def refund(self, key: str, tokens: int) -> None:
         """Undo an ``admit`` charge for a request no engine saw (e.g. 429 at capacity)."""
         pair = self._buckets.get(key)
