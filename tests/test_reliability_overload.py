@@ -5,7 +5,7 @@ What is measured (figures go to docs/reliability.md): how fast the excess gets i
 The stack is the reliability module's guarded stack with a latency-first in-flight
 bound of 1 per replica. On one-core CPU replicas each admitted stream shares its
 core with the others the bound lets in, so the bound, not the overload, sets
-admitted TTFT: measured 0.74-1.27x an idle engine's at 1 per replica, 1.58-2.48x
+admitted TTFT: measured 0.74-1.75x an idle engine's at 1 per replica, 1.58-2.48x
 at 2, ~2.5x at 4 (and ~1.0-1.3x the TTFT at the bound without overload at each).
 
 ``QWEN_SERVE_OVERLOAD_URL`` points the module at such a stack already running
