@@ -10,11 +10,11 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import time
 from contextlib import contextmanager
 from typing import Iterator
 
 from benchmarks.stacks import free_port
+from local_service import running
 
 INSTALL_HINT = "redis-server is missing: run `make install-test` (apt-get install redis-server)"
 
@@ -41,20 +41,9 @@ def redis_server(maxmemory: str = "8mb", policy: str = "volatile-lru",
          "--maxmemory", maxmemory, "--maxmemory-policy", policy, "--protected-mode", "yes",
          "--daemonize", "no", "--loglevel", "warning"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while not _ping(port):
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-                raise RuntimeError(f"redis-server exited with {proc.returncode}: {out[-2000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not answer PING in time")
-            time.sleep(0.05)
+
+    def output() -> str:
+        return proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
+
+    with running(proc, "redis-server", lambda: _ping(port), output, timeout_s):
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from benchmarks.stacks import free_port
+from local_service import ServiceFailed, running
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "deploy/grafana/dashboards").glob("*.json"))
@@ -91,28 +92,20 @@ def prometheus(stack, tmp_path_factory) -> Iterator[str]:
         stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"prometheus exited with {proc.returncode}:\n"
-                            f"{(work / 'prometheus.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("prometheus did not become ready within 30 s")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
+
+    def ready() -> bool:
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        with running(proc, "prometheus", ready, lambda: (work / "prometheus.log").read_text()[-3000:],
+                     timeout_s=30, poll_s=0.2, grace_s=10):
+            yield url
+    except ServiceFailed as exc:
+        pytest.fail(str(exc))
+    finally:
         log.close()
 
 
