@@ -41,10 +41,7 @@ def bounded(tmp_path_factory) -> Stack:
         yield Stack(url.rstrip("/"), "smollm2-135m-instruct", KEY_PLAIN, None, None)
         return
     tmp = tmp_path_factory.mktemp("overload")
-    args = guarded_args(write_keys(tmp))
-    args[args.index(next(a for a in args if a.startswith("server.limits.max_in_flight_per_replica=")))] = \
-        f"server.limits.max_in_flight_per_replica={MAX_IN_FLIGHT_PER_REPLICA}"
-    stack = start_stack(tmp, *args, name="overload")
+    stack = start_stack(tmp, *guarded_args(write_keys(tmp), MAX_IN_FLIGHT_PER_REPLICA), name="overload")
     stack.api_key = KEY_PLAIN
     try:
         yield stack

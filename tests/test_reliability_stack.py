@@ -52,10 +52,10 @@ def write_keys(tmp: Path) -> Path:
     return path
 
 
-def guarded_args(keys_file: Path) -> list[str]:
+def guarded_args(keys_file: Path, in_flight_per_replica: int = MAX_IN_FLIGHT_PER_REPLICA) -> list[str]:
     return ["--set", f"topology.replicas={REPLICAS}",
             "--set", f"server.api_keys_file={keys_file}",
-            "--set", f"server.limits.max_in_flight_per_replica={MAX_IN_FLIGHT_PER_REPLICA}",
+            "--set", f"server.limits.max_in_flight_per_replica={in_flight_per_replica}",
             "--set", f"server.limits.tokens_per_minute={TOKENS_PER_MINUTE}",
             "--set", f"server.limits.max_body_bytes={MAX_BODY_BYTES}",
             "--set", f"server.drain_timeout_s={DRAIN_TIMEOUT_S}",
