@@ -17,6 +17,7 @@ import time
 
 import uvicorn
 
+from . import ports
 from .config import DeploymentConfig
 from .engine_args import build_engine_launch
 from .modelinfo import ModelFacts
@@ -103,8 +104,15 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         keys = ApiKeys.load(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
     except ApiKeyError as exc:
         raise ServeError(str(exc)) from None
-    _start_ray(cfg, plan, address)
+    # Bound before Ray starts, as vLLM's own server does: a taken port fails in a
+    # second instead of after Ray's start, and Ray's workers can't take ours.
     try:
+        sock = ports.bind_reusable(cfg.server.host, cfg.server.port)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
+                         f"{exc.strerror or exc}") from None
+    try:
+        _start_ray(cfg, plan, address)
         serve.start(proxy_location="Disabled")
         registry = create_registry()
         pool = ReplicaPool(registry)
@@ -124,12 +132,13 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress
         return asyncio.run(_serve(cfg, plan, app, state, pool, build_engine_app(cfg, launch, plan.device),
-                                  APP_NAME))
+                                  APP_NAME, sock))
     finally:
+        sock.close()
         _shutdown_ray()
 
 
-async def _serve(cfg, plan, app, state, pool, engine_app, app_name) -> int:
+async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int:
     from ray import serve
 
     loop = asyncio.get_running_loop()
@@ -155,7 +164,7 @@ async def _serve(cfg, plan, app, state, pool, engine_app, app_name) -> int:
     # collection over it paused the event loop for 100+ ms under load. Freeze them.
     gc.collect()
     gc.freeze()
-    serving = loop.create_task(server.serve())
+    serving = loop.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():
             raise ServeError(f"could not listen on {srv.host}:{srv.port}")

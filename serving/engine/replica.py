@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ import httpx
 import ray.util
 from ray import serve
 
+from .. import ports
 from ..engine_args import EngineLaunch
 from . import autoscaling, process
 from .registry import get_registry
@@ -27,30 +27,26 @@ logger = logging.getLogger("ray.serve")
 HEARTBEAT_S = 1.0
 
 
-def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 class EngineReplica:
     def __init__(self, launch: EngineLaunch, host: str, startup_timeout_s: float) -> None:
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
         rank = getattr(ctx.rank, "rank", ctx.rank) or 0
-        self.port = free_port(host)
-        # Bound to all interfaces (replicas on several nodes): advertise this node's IP.
-        advertise = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
-        self.url = f"http://{advertise}:{self.port}"
-        env = {**os.environ, **launch.env_for_replica(rank, ctx.world_size)}
-        env = {k: v for k, v in env.items() if v != ""}
-        cmd = launch.command(host, self.port)
-        logger.info("replica %s starting engine on %s: %s", self.replica_id, self.url, " ".join(cmd))
-        # The engine's output goes to this replica's log (Ray forwards it to the driver).
-        self.proc = process.spawn(cmd, env, log=sys.stderr,
-                                  cpus=launch.cpus_for_replica(rank, ctx.world_size))
-        self._stopping = threading.Event()
-        self._wait_until_healthy(startup_timeout_s)
+        # Held until the engine answers: the engine binds it seconds after it starts,
+        # while Ray hands out ephemeral ports to its own workers (see ports.py).
+        with ports.reserved_port(host) as self.port:
+            # Bound to all interfaces (replicas on several nodes): advertise this node's IP.
+            advertise = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
+            self.url = f"http://{advertise}:{self.port}"
+            env = {**os.environ, **launch.env_for_replica(rank, ctx.world_size)}
+            env = {k: v for k, v in env.items() if v != ""}
+            cmd = launch.command(host, self.port)
+            logger.info("replica %s starting engine on %s: %s", self.replica_id, self.url, " ".join(cmd))
+            # The engine's output goes to this replica's log (Ray forwards it to the driver).
+            self.proc = process.spawn(cmd, env, log=sys.stderr,
+                                      cpus=launch.cpus_for_replica(rank, ctx.world_size))
+            self._stopping = threading.Event()
+            self._wait_until_healthy(startup_timeout_s)
         self.engine_pid = process.engine_pid(self.proc)
         self._registry = get_registry()
         self._beat()
