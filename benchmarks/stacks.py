@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from serving.ports import reserved_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "deploy" / "configs" / "local-cpu.yaml"
@@ -33,12 +34,6 @@ class Stack:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -61,22 +56,22 @@ def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = 
 def start_stack(log_dir: Path, *extra: str, name: str = "stack", timeout_s: float = 600,
                 config: Path = DEFAULT_CONFIG) -> Stack:
     """Start `qwen-serve serve` with ``--set`` overrides in ``extra``; wait until /ready is 200."""
-    port = free_port()
     log_path = Path(log_dir) / f"{name}.log"
     log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serving", "serve", "--config", str(config),
-         "--host", "127.0.0.1", "--port", str(port), *extra],
-        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-    )
-    stack = Stack(f"http://127.0.0.1:{port}", "smollm2-135m-instruct", None, proc, log_path)
-    try:
-        wait_ready(stack.base_url, timeout_s, proc)
-    except BaseException:
-        stop_stack(stack)
-        raise RuntimeError(
-            "stack failed to start (on a shared dev machine, reuse a running stack with "
-            f"QWEN_SERVE_TEST_URL=http://127.0.0.1:PORT); log tail:\n{stack.log_tail()}") from None
+    with reserved_port() as port:  # held until the stack listens on it
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", "serve", "--config", str(config),
+             "--host", "127.0.0.1", "--port", str(port), *extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+        )
+        stack = Stack(f"http://127.0.0.1:{port}", "smollm2-135m-instruct", None, proc, log_path)
+        try:
+            wait_ready(stack.base_url, timeout_s, proc)
+        except BaseException:
+            stop_stack(stack)
+            raise RuntimeError(
+                "stack failed to start (on a shared dev machine, reuse a running stack with "
+                f"QWEN_SERVE_TEST_URL=http://127.0.0.1:PORT); log tail:\n{stack.log_tail()}") from None
     return stack
 
 

@@ -12,7 +12,7 @@ import os
 import httpx
 import pytest
 
-from benchmarks.stacks import ROOT, Stack, free_port, start_stack, stop_stack, wait_ready  # noqa: F401
+from benchmarks.stacks import ROOT, Stack, start_stack, stop_stack, wait_ready  # noqa: F401
 
 STARTUP_TIMEOUT_S = float(os.environ.get("QWEN_SERVE_TEST_STARTUP_S", "600"))
 

@@ -13,8 +13,8 @@ import subprocess
 from contextlib import contextmanager
 from typing import Iterator
 
-from benchmarks.stacks import free_port
 from local_service import running
+from serving.ports import reserved_port
 
 INSTALL_HINT = "redis-server is missing: run `make install-test` (apt-get install redis-server)"
 
@@ -35,15 +35,15 @@ def redis_server(maxmemory: str = "8mb", policy: str = "volatile-lru",
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError(INSTALL_HINT)
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxmemory", maxmemory, "--maxmemory-policy", policy, "--protected-mode", "yes",
-         "--daemonize", "no", "--loglevel", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with reserved_port() as port:  # redis-server binds it with SO_REUSEADDR
+        proc = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory", maxmemory, "--maxmemory-policy", policy, "--protected-mode", "yes",
+             "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
-    def output() -> str:
-        return proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
+        def output() -> str:
+            return proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
 
-    with running(proc, "redis-server", lambda: _ping(port), output, timeout_s):
-        yield f"redis://127.0.0.1:{port}/0"
+        with running(proc, "redis-server", lambda: _ping(port), output, timeout_s):
+            yield f"redis://127.0.0.1:{port}/0"

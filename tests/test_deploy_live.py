@@ -26,8 +26,8 @@ import httpx
 import pytest
 import yaml
 
-from benchmarks.stacks import free_port
 from local_service import ServiceFailed, running
+from serving.ports import reserved_port
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "deploy/grafana/dashboards").glob("*.json"))
@@ -84,29 +84,28 @@ def prometheus(stack, tmp_path_factory) -> Iterator[str]:
         "scrape_configs": [job],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    log = (work / "prometheus.log").open("w")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
+    # The port is held until Prometheus stops; Prometheus binds it with SO_REUSEADDR.
+    with reserved_port() as port, (work / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen(
+            [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
 
-    def ready() -> bool:
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
         try:
-            return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        with running(proc, "prometheus", ready, lambda: (work / "prometheus.log").read_text()[-3000:],
-                     timeout_s=30, poll_s=0.2, grace_s=10):
-            yield url
-    except ServiceFailed as exc:
-        pytest.fail(str(exc))
-    finally:
-        log.close()
+            with running(proc, "prometheus", ready,
+                         lambda: (work / "prometheus.log").read_text()[-3000:],
+                         timeout_s=30, poll_s=0.2, grace_s=10):
+                yield url
+        except ServiceFailed as exc:
+            pytest.fail(str(exc))
 
 
 def _instant(url: str, expr: str) -> list[dict[str, Any]]:

@@ -470,18 +470,19 @@ def short_deadline_ingress(guarded):
     """A second ingress (the real app) with a 1.5 s request deadline in front of the guarded engines."""
     import uvicorn
 
-    from conftest import free_port
     from serving.ingress.app import IngressSettings, build_app
     from serving.ingress.pool import ReplicaPool
+    from serving.ports import bind_reusable
 
     entries = [{"replica_id": f"engine-{port}", "url": f"http://127.0.0.1:{port}", "pid": pid}
                for port, pid in engine_pids(guarded).items()]
     assert len(entries) == REPLICAS
     app = build_app(IngressSettings(model=guarded.model, expected_replicas=len(entries),
                                     request_timeout_s=1.5), ReplicaPool(_FixedRegistry(entries)))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = bind_reusable("127.0.0.1")
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
     wait_ready(base, 60)

@@ -337,14 +337,15 @@ async def test_redis_total_bounded_by_maxmemory(redis_url):
 
 
 async def test_redis_down_reads_as_miss():
-    from benchmarks.stacks import free_port as _free_port
+    from serving.ports import reserved_port
 
-    cache = RedisResponseCache(f"redis://127.0.0.1:{_free_port()}/0", ttl_s=60, timeout_s=0.2)
-    try:
-        await cache.put("k", ok(CHAT_ANSWER))  # must not raise
-        assert await cache.get("k") is None
-    finally:
-        await cache.aclose()
+    with reserved_port() as port:  # bound, never listening: connections are refused
+        cache = RedisResponseCache(f"redis://127.0.0.1:{port}/0", ttl_s=60, timeout_s=0.2)
+        try:
+            await cache.put("k", ok(CHAT_ANSWER))  # must not raise
+            assert await cache.get("k") is None
+        finally:
+            await cache.aclose()
 
 
 # --- against the real engine's stream format ----------------------------------------
