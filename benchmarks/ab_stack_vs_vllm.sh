@@ -10,8 +10,12 @@ OUT=${1:-benchmarks/results/ab-cpu}
 shift || true
 PY=${PYTHON:-.venv/bin/python}
 CONFIG=${CONFIG:-deploy/configs/local-cpu.yaml}
-port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-A_PORT=$(port); B_PORT=$(port)
+# Two free ports, held (serving/ports.py) until both servers listen: a port only
+# picked free could be taken by Ray's workers before the server binds it.
+coproc HOLD { "$PY" -c 'import sys; from serving.ports import bind_reusable
+held = [bind_reusable("127.0.0.1") for _ in range(2)]
+print(*(s.getsockname()[1] for s in held), flush=True); sys.stdin.read()'; }
+read -r A_PORT B_PORT <&"${HOLD[0]}"
 LOGS=$(mktemp -d)
 "$PY" -m serving engine --config "$CONFIG" --port "$A_PORT" >"$LOGS/vllm.log" 2>&1 & A_PID=$!
 "$PY" -m serving serve --config "$CONFIG" --port "$B_PORT" \
@@ -26,6 +30,7 @@ wait_for() {  # URL PATH
 }
 wait_for "http://127.0.0.1:$A_PORT" /health
 wait_for "http://127.0.0.1:$B_PORT" /ready
+kill "$HOLD_PID"
 "$PY" -m benchmarks --compare "http://127.0.0.1:$A_PORT" "http://127.0.0.1:$B_PORT" \
     --sweep concurrency=1,8,32 -n 64 --repeats 3 --warmup 8 \
     --input-len 128 --output-len 64 --no-progress --output-dir "$OUT" --label stack-vs-vllm "$@"
