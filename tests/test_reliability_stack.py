@@ -22,8 +22,10 @@ import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import psutil
@@ -465,9 +467,9 @@ class _FixedRegistry:
         self.snapshot = _Snapshot()
 
 
-@pytest.fixture
-def short_deadline_ingress(guarded):
-    """A second ingress (the real app) with a 1.5 s request deadline in front of the guarded engines."""
+@contextmanager
+def second_ingress(guarded, **settings) -> Iterator[tuple[str, list[dict]]]:
+    """A second ingress (the real app, its own settings) in front of the guarded engines."""
     import uvicorn
 
     from serving.ingress.app import IngressSettings, build_app
@@ -477,18 +479,27 @@ def short_deadline_ingress(guarded):
     entries = [{"replica_id": f"engine-{port}", "url": f"http://127.0.0.1:{port}", "pid": pid}
                for port, pid in engine_pids(guarded).items()]
     assert len(entries) == REPLICAS
-    app = build_app(IngressSettings(model=guarded.model, expected_replicas=len(entries),
-                                    request_timeout_s=1.5), ReplicaPool(_FixedRegistry(entries)))
+    app = build_app(IngressSettings(model=guarded.model, expected_replicas=len(entries), **settings),
+                    ReplicaPool(_FixedRegistry(entries)))
     sock = bind_reusable("127.0.0.1")
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    wait_ready(base, 60)
-    yield base, entries
-    server.should_exit = True
-    thread.join(30)
+    try:
+        wait_ready(base, 60)
+        yield base, entries
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture
+def short_deadline_ingress(guarded):
+    """A 1.5 s request deadline."""
+    with second_ingress(guarded, request_timeout_s=1.5) as ingress:
+        yield ingress
 
 
 def engines_running(entries: list[dict]) -> float:
@@ -559,6 +570,62 @@ def test_deadline_streaming_ends_with_an_error_event_and_aborts(short_deadline_i
                                   "chunks_before_deadline": len(events) - 2,
                                   "engine_idle_after_s": round(freed, 2)})
     assert took < 5
+
+
+# --- tokens/min: a key pays what the engine used ------------------------------------------
+
+METERED_TPM = 1000
+
+
+@pytest.fixture
+def metered_ingress(guarded):
+    """1,000 tokens/min per client (no keys: the client's address is the key)."""
+    from serving.config import LimitsConfig
+
+    with second_ingress(guarded, limits=LimitsConfig(tokens_per_minute=METERED_TPM)) as ingress:
+        yield ingress
+
+
+def sse_usage(text: str) -> int | None:
+    events = [json.loads(line[6:]) for line in text.splitlines()
+              if line.startswith("data: {")]
+    return next((e["usage"]["total_tokens"] for e in reversed(events) if e.get("usage")), None)
+
+
+def test_a_short_answer_gives_back_the_rest_of_max_tokens(guarded, metered_ingress):
+    base, _ = metered_ingress
+    ask = {"model": guarded.model, "temperature": 0, "max_tokens": 900, "stop": ["."],
+           "prompt": "The capital of France is"}  # " Paris"
+    # Each is charged ~906 of the 1,000 at admission: kept, the second would be a 429.
+    used = []
+    for stream in (False, True, False):
+        body = {**ask, "stream": True, "stream_options": {"include_usage": True}} if stream else ask
+        resp = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        used.append(sse_usage(resp.text) if stream else resp.json()["usage"]["total_tokens"])
+    record("tokens_settled_down", {"tokens_per_minute": METERED_TPM, "max_tokens": 900, "used": used})
+    assert all(u is not None and u < 900 for u in used), used
+
+
+def test_a_request_that_costs_more_than_its_estimate_pays_the_difference(guarded, metered_ingress):
+    base, _ = metered_ingress
+    # Admission estimates 4 characters a token before tokenizing: 1,200 emoji count as
+    # 300, but each is several tokens. The same path settles an answer that runs past
+    # the 256 tokens charged when max_tokens is absent.
+    costly = {"model": guarded.model, "max_tokens": 1, "prompt": "\U0001F642" * 1200}
+    resp = httpx.post(f"{base}/v1/completions", json=costly, timeout=120)
+    assert resp.status_code == 200, resp.text
+    used = resp.json()["usage"]["total_tokens"]
+    assert used > METERED_TPM
+    # Charged only the estimate (~301), ~700 tokens would be left for this 1-token request.
+    tiny = {"model": guarded.model, "max_tokens": 1, "prompt": "Hi"}
+    resp = httpx.post(f"{base}/v1/completions", json=tiny, timeout=120)
+    err = openai_error(resp)
+    assert resp.status_code == 429 and err["code"] == "rate_limit_exceeded", resp.text
+    retry_after = int(resp.headers["retry-after"])
+    record("tokens_settled_up", {"tokens_per_minute": METERED_TPM, "estimated": 301, "used": used,
+                                 "next_request_retry_after_s": retry_after})
+    assert retry_after >= 30  # in debt: at most one minute's budget deep
 
 
 # --- streaming clients (the overload module uses them too) ------------------------------

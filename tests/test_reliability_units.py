@@ -24,6 +24,7 @@ from serving.config import LimitsConfig
 from serving.ingress.admission import Admission, Rejected
 from serving.ingress.auth import ApiKeyError, ApiKeys, bearer_token, key_id
 from serving.ingress.limits import KeyLimiter, TokenBucket, estimate_tokens
+from serving.ingress.usage import StreamTail, total_tokens, total_tokens_of_body
 
 PLAIN, HASHED = "sk-plain-0123456789", "sk-hashed-9876543210"
 
@@ -134,6 +135,39 @@ def test_a_refund_gives_back_both_charges_up_to_the_capacity():
     limiter.refund("unknown", 10)  # nothing charged, nothing to give back
 
 
+def test_settling_gives_back_what_was_not_used():
+    limiter = KeyLimiter(requests_per_minute=None, tokens_per_minute=1000)
+    assert limiter.admit("k", 900) == 0
+    assert limiter.admit("k", 900) > 0
+    limiter.settle("k", charged=900, used=40)  # a short answer to a large max_tokens
+    assert limiter.admit("k", 900) == 0
+    limiter.settle("k", charged=900, used=5000)  # never above a full bucket when refunding,
+    limiter.settle("k", charged=5000, used=0)
+    assert limiter.admit("k", 1000) == 0 and limiter.admit("k", 1) > 0
+
+
+def test_settling_charges_what_the_estimate_missed_down_to_one_minute_of_debt():
+    limiter = KeyLimiter(requests_per_minute=None, tokens_per_minute=600)  # 10 tokens/s
+    assert limiter.admit("k", 100) == 0
+    limiter.settle("k", charged=100, used=400)
+    assert limiter.admit("k", 201) == 1  # 200 left: 1 token short, 0.1 s, rounded up to 1
+    limiter.settle("k", charged=0, used=10_000)  # far more than a minute's budget
+    assert 119 <= limiter.admit("k", 600) <= 120  # 600 of debt plus the 600 asked, at 10/s
+    limiter.settle("unknown", charged=10, used=20)  # nothing charged, nothing to settle
+    KeyLimiter(requests_per_minute=5, tokens_per_minute=None).settle("k", 1, 2)  # no token bucket
+
+
+def test_bucket_settle_refills_first_then_adjusts():
+    bucket = TokenBucket(rate_per_s=1.0, capacity=100, stamp=0.0)
+    bucket.take(100)
+    bucket.settle(-30, now=10.0)  # 10 refilled, 30 given back
+    assert bucket.level == pytest.approx(40)
+    bucket.settle(500, now=10.0)
+    assert bucket.level == -100  # debt is at most one bucket deep
+    bucket.settle(-1000, now=10.0)
+    assert bucket.level == 100
+
+
 def test_disabled_limiter():
     assert not KeyLimiter(None, None).enabled
 
@@ -143,6 +177,14 @@ def test_token_estimate_is_prompt_quarter_plus_max_tokens_times_n():
     assert estimate_tokens({"max_completion_tokens": 7}, "") == 7
     assert estimate_tokens({}, "abcd") == 1 + 256  # no max_tokens: the default is charged
     assert estimate_tokens({"max_tokens": "lots", "n": "two"}, "") == 256
+    assert estimate_tokens({"max_tokens": 10}, "x" * 400, generates=False) == 100
+
+
+async def test_routes_that_generate_nothing_are_charged_only_the_prompt():
+    async with client_for(app_for(LimitsConfig(tokens_per_minute=10_000), None)) as client:
+        body = {"model": "m", "prompt": "x" * 400}
+        assert (await client.post("/tokenize", json=body)).json()["charged_tokens"] == 100
+        assert (await client.post("/v1/completions", json=body)).json()["charged_tokens"] == 100 + 256
 
 
 # --- admission through a real ASGI app ---------------------------------------
@@ -155,9 +197,11 @@ def app_for(limits: LimitsConfig, keys: ApiKeys | None) -> Starlette:
             admitted = await admission.admit(request)
         except Rejected as rej:
             return rej.response
-        return JSONResponse({"admitted": True, "key_id": admitted.key_id})
+        return JSONResponse({"admitted": True, "key_id": admitted.key_id,
+                             "charged_tokens": admitted.charged_tokens})
 
-    return Starlette(routes=[Route("/v1/completions", endpoint, methods=["POST"])])
+    return Starlette(routes=[Route("/v1/completions", endpoint, methods=["POST"]),
+                             Route("/tokenize", endpoint, methods=["POST"])])
 
 
 def client_for(app: Starlette) -> httpx.AsyncClient:
@@ -188,7 +232,7 @@ async def test_auth_is_checked_before_anything_else(keys):
         for key in (PLAIN, HASHED):
             ok = await client.post("/v1/completions", json=GOOD,
                                    headers={"authorization": f"Bearer {key}"})
-            assert ok.json() == {"admitted": True, "key_id": key_id(key)}
+            assert ok.json()["key_id"] == key_id(key)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -307,3 +351,35 @@ async def test_requests_no_engine_saw_are_not_charged_to_the_key(keys):
         for _ in range(3):  # 3 x 600 > 1000 tokens/min: only refunds keep these 503, not 429
             resp = await client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {PLAIN}"})
             assert assert_openai_error(resp, 503)["code"] == "no_replica"
+
+
+# --- usage the engine reports (the limiter settles to it) -----------------------------------
+
+def test_usage_of_a_plain_answer():
+    assert total_tokens_of_body(b'{"usage": {"prompt_tokens": 3, "total_tokens": 12}}') == 12
+    for bad in (b"not json", b"[]", b'{"usage": null}', b'{"usage": {"total_tokens": "12"}}',
+                b'{"usage": {"total_tokens": true}}', b'{"usage": {"total_tokens": -1}}', b"\xff"):
+        assert total_tokens_of_body(bad) is None
+    assert total_tokens({"usage": {"total_tokens": 0}}) == 0
+
+
+def test_usage_of_a_stream_is_its_last_usage_event_even_when_split_across_chunks():
+    events = [b'data: {"choices": [{"text": "Par"}], "usage": null}\n\n',
+              b'data: {"choices": [{"text": "is"}], "usage": {"total_tokens": 7}}\n\n',
+              b'data: {"choices": [], "usage": {"prompt_tokens": 5, "total_tokens": 8}}\n\n',
+              b"data: [DONE]\n\n"]
+    raw = b"".join(events)
+    tail = StreamTail()
+    for i in range(0, len(raw), 7):  # the engine's chunks don't follow event boundaries
+        tail.feed(raw[i:i + 7])
+    assert tail.total_tokens() == 8
+    without = StreamTail()
+    without.feed(events[0] + events[3])  # the client did not ask for include_usage
+    assert without.total_tokens() is None
+
+
+def test_stream_tail_keeps_only_the_last_bytes():
+    tail = StreamTail(max_bytes=64)
+    tail.feed(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
+    tail.feed(b"data: " + b"x" * 100 + b"\n\n")  # pushes the usage event out
+    assert tail.total_tokens() is None and len(tail._tail) == 64

@@ -76,13 +76,18 @@ class Admission:
         if not self.limiter.enabled:
             return Admitted(raw, body, text, kid)
         who = kid or (request.client.host if request.client else "anonymous")
-        tokens = estimate_tokens(body, text)
+        tokens = estimate_tokens(body, text, generates=request.url.path.endswith("/completions"))
         wait = self.limiter.admit(who, tokens)
         if wait:
             raise Rejected("rate_limited", error_response(
                 429, f"Rate limit reached for this key; retry after {wait:.0f}s.",
                 code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"}))
         return Admitted(raw, body, text, kid, charged_to=who, charged_tokens=tokens)
+
+    def settle(self, admitted: Admitted, used_tokens: int) -> None:
+        """Charge what the engine reported using instead of the admission estimate."""
+        if admitted.charged_to is not None:
+            self.limiter.settle(admitted.charged_to, admitted.charged_tokens, used_tokens)
 
     def refund(self, admitted: Admitted) -> None:
         """Give back what ``admit`` charged, for a request that reached no engine."""

@@ -33,6 +33,7 @@ from .errors import error_body, error_response
 from .metrics import RouterMetrics, fetch_replica_metrics
 from .pool import Replica, ReplicaPool
 from .routing import RoutingPolicy, make_policy, routing_text
+from .usage import StreamTail, total_tokens_of_body
 
 logger = logging.getLogger("qwen_serve.ingress")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -217,10 +218,16 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
         state.metrics.requests.labels(route, str(status), model_label).inc()
         state.metrics.duration.labels(route, model_label).observe(time.perf_counter() - started)
 
+    # Rate limits: the admission estimate is replaced by the engine's usage count.
+    settle = None
+    if admitted.charged_to is not None and resp.status_code == 200:
+        def settle(used: int) -> None:
+            state.admission.settle(admitted, used)
+
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         capture = StreamCapture(route) if key and resp.status_code == 200 else None
         return StreamingResponse(_relay(state, resp, replica, route, model_label, started, deadline,
-                                        done, capture, key),
+                                        done, capture, key, settle),
                                  status_code=resp.status_code, headers=out_headers)
     try:
         content = await resp.aread()
@@ -233,6 +240,8 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
     finally:
         await resp.aclose()
     done(resp.status_code)
+    if settle is not None and (used := total_tokens_of_body(content)) is not None:
+        settle(used)
     if key and resp.status_code == 200:
         await state.cache.put(key, CachedResponse(200, "application/json", content))
     return Response(content, status_code=resp.status_code, headers=out_headers)
@@ -249,7 +258,8 @@ def _from_cache(route: str, body: dict, hit: CachedResponse) -> Response:
     return Response(hit.body, status_code=hit.status, media_type=hit.content_type, headers=headers)
 
 
-async def _relay(state, resp, replica, route, model_label, started, deadline, done, capture, key):
+async def _relay(state, resp, replica, route, model_label, started, deadline, done, capture, key,
+                 settle=None):
     """Pass SSE bytes through as they arrive; end cleanly on deadline or engine loss."""
     loop = asyncio.get_running_loop()
     expired = False
@@ -261,6 +271,7 @@ async def _relay(state, resp, replica, route, model_label, started, deadline, do
 
     timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), expire)
     first = True
+    tail = StreamTail() if settle is not None else None
     try:
         async for chunk in resp.aiter_raw():
             if first:
@@ -268,7 +279,16 @@ async def _relay(state, resp, replica, route, model_label, started, deadline, do
                 first = False
             if capture is not None:
                 capture.feed(chunk)
+            if tail is not None:
+                tail.feed(chunk)
+                if b"data: [DONE]" in chunk:
+                    # Settle before the client sees the end: its next request may follow at once.
+                    settled, tail = tail, None
+                    if (used := settled.total_tokens()) is not None:
+                        settle(used)
             yield chunk
+        if tail is not None and (used := tail.total_tokens()) is not None:
+            settle(used)
         if capture is not None and (full := capture.completion()) is not None:
             await state.cache.put(key, CachedResponse(200, "application/json", full))
     except (httpx.HTTPError, httpx.StreamClosed, RuntimeError) as exc:

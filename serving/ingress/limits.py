@@ -2,9 +2,13 @@
 
 Tokens are charged at admission from what the request can cost at most — its
 prompt length (≈ 4 characters a token, before any tokenization, so a rejected
-request costs the engine nothing) plus ``max_tokens`` (or a default) — because
-the ingress does not parse usage out of streams. The answer to an over-limit
-request is 429 with ``Retry-After``: the seconds until the bucket refills enough.
+request costs the engine nothing) plus ``max_tokens`` (or a default) — and
+settled to the engine's count when the answer reports its ``usage`` (every
+non-streamed answer; a stream when the client asked for ``include_usage``). So a
+short answer to a large ``max_tokens`` gives the rest back, and a long answer to
+a request without ``max_tokens`` pays for what it generated. The answer to an
+over-limit request is 429 with ``Retry-After``: the seconds until the bucket
+refills enough.
 """
 
 from __future__ import annotations
@@ -47,6 +51,12 @@ class TokenBucket:
     def give_back(self, amount: float) -> None:
         self.level = min(self.capacity, self.level + min(amount, self.capacity))
 
+    def settle(self, extra: float, now: float | None = None) -> None:
+        """Take ``extra`` more (or give back, if negative) after the fact: the level
+        may go into debt, at most one full bucket deep."""
+        self._refill(time.monotonic() if now is None else now)
+        self.level = max(-self.capacity, min(self.capacity, self.level - extra))
+
 
 class KeyLimiter:
     def __init__(self, requests_per_minute: int | None, tokens_per_minute: int | None,
@@ -84,6 +94,16 @@ class KeyLimiter:
             toks.take(tokens)
         return 0.0
 
+    def settle(self, key: str, charged: int, used: int) -> None:
+        """Replace an ``admit`` charge of ``charged`` tokens by what was ``used``.
+
+        Using more than was charged can leave the bucket in debt (at most one
+        minute's budget): the key then waits until it is paid off.
+        """
+        pair = self._buckets.get(key)
+        if pair is not None and pair[1] is not None and used != charged:
+            pair[1].settle(used - charged)
+
     def refund(self, key: str, tokens: int) -> None:
         """Undo an ``admit`` charge for a request no engine saw (e.g. 429 at capacity)."""
         pair = self._buckets.get(key)
@@ -96,9 +116,14 @@ class KeyLimiter:
             toks.give_back(tokens)
 
 
-def estimate_tokens(body: dict, prompt_text: str) -> int:
+def estimate_tokens(body: dict, prompt_text: str, generates: bool = True) -> int:
+    """The most a request can cost; only the prompt for routes that generate nothing
+    (/tokenize, /detokenize)."""
+    prompt = len(prompt_text) // CHARS_PER_TOKEN
+    if not generates:
+        return prompt
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if not isinstance(max_tokens, int) or max_tokens < 0:
         max_tokens = DEFAULT_MAX_TOKENS
     n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-    return len(prompt_text) // CHARS_PER_TOKEN + max_tokens * n
+    return prompt + max_tokens * n
