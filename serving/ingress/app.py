@@ -190,15 +190,19 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
                 # A stale keep-alive connection, or an engine that died before
                 # answering (vLLM sends a plain answer's headers only when done):
                 # nothing reached the client and generation has no side effects, so
-                # try once more, the same replica included (its connection is new).
+                # try once more - on another replica when there is one: a dead
+                # engine's other pooled connections fail the same way, not with a
+                # refused connect (that 502'd 2 requests per killed engine).
                 broken_once = True
-                tried.discard(replica.replica_id)
+                if not any(r.replica_id not in tried for r in state.pool.available()):
+                    tried.discard(replica.replica_id)  # the only one: try it again
                 continue
             if isinstance(exc, httpx.TimeoutException):
                 return _finish(state, route, model_label, started, error_response(
                     504, "The engine did not answer in time.", code="upstream_timeout"))
             if isinstance(exc, httpx.HTTPError):
                 replica.mark_down()
+                logger.warning("request to %s failed (%r); answering 502", replica.replica_id, exc)
                 return _finish(state, route, model_label, started, error_response(
                     502, "The engine connection broke.", code="upstream_broken"))
             raise
@@ -231,7 +235,8 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
                                  status_code=resp.status_code, headers=out_headers)
     try:
         content = await resp.aread()
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
+        logger.warning("answer from %s broke (%r); answering 502", replica.replica_id, exc)
         done(502)
         return error_response(502, "The engine connection broke.", code="upstream_broken")
     except BaseException:
