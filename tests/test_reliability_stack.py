@@ -646,10 +646,13 @@ def metered_ingress(guarded):
         yield ingress
 
 
+def sse_events(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
 def sse_usage(text: str) -> int | None:
-    events = [json.loads(line[6:]) for line in text.splitlines()
-              if line.startswith("data: {")]
-    return next((e["usage"]["total_tokens"] for e in reversed(events) if e.get("usage")), None)
+    return next((e["usage"]["total_tokens"] for e in reversed(sse_events(text)) if e.get("usage")),
+                None)
 
 
 def test_a_short_answer_gives_back_the_rest_of_max_tokens(guarded, metered_ingress):
@@ -657,14 +660,18 @@ def test_a_short_answer_gives_back_the_rest_of_max_tokens(guarded, metered_ingre
     ask = {"model": guarded.model, "temperature": 0, "max_tokens": 900, "stop": ["."],
            "prompt": "The capital of France is"}  # " Paris"
     # Each is charged ~906 of the 1,000 at admission: kept, the second would be a 429.
+    variants = [ask, {**ask, "stream": True, "stream_options": {"include_usage": True}},
+                {**ask, "stream": True}, ask]  # the third is metered by counting its events
     used = []
-    for stream in (False, True, False):
-        body = {**ask, "stream": True, "stream_options": {"include_usage": True}} if stream else ask
+    for body in variants:
         resp = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
         assert resp.status_code == 200, resp.text
-        used.append(sse_usage(resp.text) if stream else resp.json()["usage"]["total_tokens"])
+        if body.get("stream"):
+            used.append(sse_usage(resp.text) or len(sse_events(resp.text)))
+        else:
+            used.append(resp.json()["usage"]["total_tokens"])
     record("tokens_settled_down", {"tokens_per_minute": METERED_TPM, "max_tokens": 900, "used": used})
-    assert all(u is not None and u < 900 for u in used), used
+    assert all(u < 900 for u in used), used
 
 
 def test_a_request_that_costs_more_than_its_estimate_pays_the_difference(guarded, metered_ingress):
@@ -686,6 +693,24 @@ def test_a_request_that_costs_more_than_its_estimate_pays_the_difference(guarded
     record("tokens_settled_up", {"tokens_per_minute": METERED_TPM, "estimated": 301, "used": used,
                                  "next_request_retry_after_s": retry_after})
     assert retry_after >= 30  # in debt: at most one minute's budget deep
+
+
+def test_a_long_stream_without_max_tokens_or_usage_pays_for_its_events(guarded, metered_ingress):
+    base, _ = metered_ingress
+    # No max_tokens: charged ~263 at admission. vLLM's min_tokens holds off EOS and stop
+    # strings for 700 tokens; the stream reports no usage, so its events are counted.
+    long = {"model": guarded.model, "temperature": 0, "min_tokens": 700, "stop": ["."],
+            "stream": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    resp = httpx.post(f"{base}/v1/chat/completions", json=long, timeout=300)
+    assert resp.status_code == 200, resp.text
+    events = len(sse_events(resp.text))
+    assert events > 700 and sse_usage(resp.text) is None
+    # Kept at the estimate, >= 737 tokens would be left; settled, at most ~530.
+    nxt = {"model": guarded.model, "max_tokens": 600, "prompt": "Hi"}
+    resp = httpx.post(f"{base}/v1/completions", json=nxt, timeout=120)
+    assert resp.status_code == 429 and openai_error(resp)["code"] == "rate_limit_exceeded", resp.text
+    record("tokens_settled_by_events", {"tokens_per_minute": METERED_TPM, "events": events,
+                                        "next_request_retry_after_s": int(resp.headers["retry-after"])})
 
 
 # --- streaming clients (the overload module uses them too) ------------------------------

@@ -24,7 +24,7 @@ from serving.config import LimitsConfig
 from serving.ingress.admission import Admission, Rejected
 from serving.ingress.auth import ApiKeyError, ApiKeys, bearer_token, key_id
 from serving.ingress.limits import KeyLimiter, TokenBucket, estimate_tokens
-from serving.ingress.usage import StreamTail, total_tokens, total_tokens_of_body
+from serving.ingress.usage import StreamUsage, total_tokens, total_tokens_of_body
 
 PLAIN, HASHED = "sk-plain-0123456789", "sk-hashed-9876543210"
 
@@ -369,17 +369,26 @@ def test_usage_of_a_stream_is_its_last_usage_event_even_when_split_across_chunks
               b'data: {"choices": [], "usage": {"prompt_tokens": 5, "total_tokens": 8}}\n\n',
               b"data: [DONE]\n\n"]
     raw = b"".join(events)
-    tail = StreamTail()
+    meter = StreamUsage(prompt_tokens=100)
     for i in range(0, len(raw), 7):  # the engine's chunks don't follow event boundaries
-        tail.feed(raw[i:i + 7])
-    assert tail.total_tokens() == 8
-    without = StreamTail()
-    without.feed(events[0] + events[3])  # the client did not ask for include_usage
-    assert without.total_tokens() is None
+        meter.feed(raw[i:i + 7])
+    assert meter.reported_tokens() == 8 and meter.total_tokens() == 8
 
 
-def test_stream_tail_keeps_only_the_last_bytes():
-    tail = StreamTail(max_bytes=64)
-    tail.feed(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
-    tail.feed(b"data: " + b"x" * 100 + b"\n\n")  # pushes the usage event out
-    assert tail.total_tokens() is None and len(tail._tail) == 64
+def test_a_stream_without_usage_is_counted_by_its_events():
+    # vLLM: a role event, one event per generated token, a finish event, [DONE].
+    chat = [b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n']
+    chat += [b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'] * 40
+    chat += [b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n', b"data: [DONE]\n\n"]
+    meter = StreamUsage(prompt_tokens=12)
+    for event in chat:
+        meter.feed(event)
+    assert meter.reported_tokens() is None
+    assert meter.total_tokens() == 12 + 42  # the estimate errs by the 2 events without a token
+
+
+def test_stream_meter_keeps_only_the_last_bytes():
+    meter = StreamUsage(prompt_tokens=0, max_bytes=64)
+    meter.feed(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
+    meter.feed(b"data: " + b"x" * 100 + b"\n\n")  # pushes the usage event out
+    assert meter.reported_tokens() is None and len(meter._tail) == 64

@@ -30,10 +30,11 @@ from .auth import ApiKeys
 from .cache import (CachedResponse, RedisResponseCache, ResponseCache, StreamCapture,
                     sse_from_completion)
 from .errors import error_body, error_response
+from .limits import estimate_tokens
 from .metrics import RouterMetrics, fetch_replica_metrics
 from .pool import Replica, ReplicaPool
 from .routing import RoutingPolicy, make_policy, routing_text
-from .usage import StreamTail, total_tokens_of_body
+from .usage import StreamUsage, total_tokens_of_body
 
 logger = logging.getLogger("qwen_serve.ingress")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -230,8 +231,11 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
 
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
         capture = StreamCapture(route) if key and resp.status_code == 200 else None
+        meter = None
+        if settle is not None:
+            meter = StreamUsage(estimate_tokens(admitted.body, admitted.prompt_text, generates=False))
         return StreamingResponse(_relay(state, resp, replica, route, model_label, started, deadline,
-                                        done, capture, key, settle),
+                                        done, capture, key, meter, settle),
                                  status_code=resp.status_code, headers=out_headers)
     try:
         content = await resp.aread()
@@ -264,7 +268,7 @@ def _from_cache(route: str, body: dict, hit: CachedResponse) -> Response:
 
 
 async def _relay(state, resp, replica, route, model_label, started, deadline, done, capture, key,
-                 settle=None):
+                 meter=None, settle=None):
     """Pass SSE bytes through as they arrive; end cleanly on deadline or engine loss."""
     loop = asyncio.get_running_loop()
     expired = False
@@ -276,7 +280,6 @@ async def _relay(state, resp, replica, route, model_label, started, deadline, do
 
     timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), expire)
     first = True
-    tail = StreamTail() if settle is not None else None
     try:
         async for chunk in resp.aiter_raw():
             if first:
@@ -284,16 +287,15 @@ async def _relay(state, resp, replica, route, model_label, started, deadline, do
                 first = False
             if capture is not None:
                 capture.feed(chunk)
-            if tail is not None:
-                tail.feed(chunk)
+            if meter is not None:
+                meter.feed(chunk)
                 if b"data: [DONE]" in chunk:
                     # Settle before the client sees the end: its next request may follow at once.
-                    settled, tail = tail, None
-                    if (used := settled.total_tokens()) is not None:
-                        settle(used)
+                    settle(meter.total_tokens())
+                    meter = None
             yield chunk
-        if tail is not None and (used := tail.total_tokens()) is not None:
-            settle(used)
+        if meter is not None:
+            settle(meter.total_tokens())
         if capture is not None and (full := capture.completion()) is not None:
             await state.cache.put(key, CachedResponse(200, "application/json", full))
     except (httpx.HTTPError, httpx.StreamClosed, RuntimeError) as exc:

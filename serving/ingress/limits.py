@@ -3,10 +3,10 @@
 Tokens are charged at admission from what the request can cost at most — its
 prompt length (≈ 4 characters a token, before any tokenization, so a rejected
 request costs the engine nothing) plus ``max_tokens`` (or a default) — and
-settled to the engine's count when the answer reports its ``usage`` (every
-non-streamed answer; a stream when the client asked for ``include_usage``). So a
-short answer to a large ``max_tokens`` gives the rest back, and a long answer to
-a request without ``max_tokens`` pays for what it generated. The answer to an
+settled to what the answer cost (usage.py: the engine's ``usage`` count, or a
+stream's events when it reports none). So a short answer to a large
+``max_tokens`` gives the rest back, and a long answer to a request without
+``max_tokens`` pays for what it generated. The answer to an
 over-limit request is 429 with ``Retry-After``: the seconds until the bucket
 refills enough.
 """

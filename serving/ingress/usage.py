@@ -1,10 +1,11 @@
-"""The token counts an engine reports (OpenAI ``usage``), read from its answers.
+"""What an answer cost in tokens: the engine's ``usage`` count, read from the answer.
 
 The rate limiter charges an estimate at admission and settles it to these counts
 (limits.py). A plain answer carries ``usage`` in its body; a stream carries it in
-its last event only when the client asked for ``stream_options.include_usage``,
-so streams are read from a short tail kept while relaying — no parsing on the
-per-token path.
+its last event only when the client asked for ``stream_options.include_usage``, so
+a stream is read from a short tail kept while relaying — no JSON parsing on the
+per-token path — and, without that event, its events are counted instead (vLLM
+sends one per generated token and choice, plus the role and finish events).
 """
 
 from __future__ import annotations
@@ -28,17 +29,25 @@ def total_tokens_of_body(body: bytes) -> int | None:
         return None
 
 
-class StreamTail:
-    """The last bytes of a relayed SSE stream, enough to find its usage event."""
+class StreamUsage:
+    """Meters a relayed SSE stream: keeps its last bytes and counts its events."""
 
-    def __init__(self, max_bytes: int = _TAIL_BYTES) -> None:
+    def __init__(self, prompt_tokens: int, max_bytes: int = _TAIL_BYTES) -> None:
+        self.prompt_tokens = prompt_tokens  # the admission's estimate of the prompt
         self.max_bytes = max_bytes
+        self.events = 0
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
+        self.events += chunk.count(b"data: {")
         self._tail = (self._tail + chunk)[-self.max_bytes:]
 
-    def total_tokens(self) -> int | None:
+    def total_tokens(self) -> int:
+        """The engine's count when the stream reported one, else prompt estimate + events."""
+        reported = self.reported_tokens()
+        return reported if reported is not None else self.prompt_tokens + self.events
+
+    def reported_tokens(self) -> int | None:
         """The last event's ``usage.total_tokens`` (cumulative, if every event has one)."""
         for line in reversed(self._tail.splitlines()):
             if line.startswith(b"data: {") and b'"usage"' in line:
