@@ -223,7 +223,7 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
         state.metrics.requests.labels(route, str(status), model_label).inc()
         state.metrics.duration.labels(route, model_label).observe(time.perf_counter() - started)
 
-    # Rate limits: the admission estimate is replaced by the engine's usage count.
+    # Rate limits: the admission estimate is replaced by what the answer cost (usage.py).
     settle = None
     if admitted.charged_to is not None and resp.status_code == 200:
         def settle(used: int) -> None:

@@ -6,9 +6,8 @@ request costs the engine nothing) plus ``max_tokens`` (or a default) — and
 settled to what the answer cost (usage.py: the engine's ``usage`` count, or a
 stream's events when it reports none). So a short answer to a large
 ``max_tokens`` gives the rest back, and a long answer to a request without
-``max_tokens`` pays for what it generated. The answer to an
-over-limit request is 429 with ``Retry-After``: the seconds until the bucket
-refills enough.
+``max_tokens`` pays for what it generated. The answer to an over-limit request
+is 429 with ``Retry-After``: the seconds until the bucket refills enough.
 """
 
 from __future__ import annotations
