@@ -18,7 +18,6 @@ from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
@@ -33,7 +32,7 @@ from .errors import error_body, error_response
 from .limits import estimate_tokens
 from .metrics import RouterMetrics, fetch_replica_metrics
 from .pool import Replica, ReplicaPool
-from .routing import RoutingPolicy, make_policy, routing_text
+from .routing import RoutingPolicy, make_policy
 from .usage import StreamUsage, total_tokens_of_body
 
 logger = logging.getLogger("qwen_serve.ingress")
