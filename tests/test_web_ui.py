@@ -49,7 +49,7 @@ def browser() -> Iterator[object]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        pytest.fail("PyPI 'playwright' is missing: run tests/web_install.sh .venv")
+        pytest.fail("PyPI 'playwright' is missing: run `make install-test`")
     if not os.access(CHROMIUM, os.X_OK):
         pytest.fail(f"{CHROMIUM} is missing: run `make install-test` (installs Debian chromium)")
     with sync_playwright() as pw:
