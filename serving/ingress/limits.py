@@ -47,9 +47,6 @@ class TokenBucket:
     def take(self, amount: float) -> None:
         self.level -= min(amount, self.capacity)
 
-    def give_back(self, amount: float) -> None:
-        self.level = min(self.capacity, self.level + min(amount, self.capacity))
-
     def settle(self, extra: float, now: float | None = None) -> None:
         """Take ``extra`` more (or give back, if negative) after the fact: the level
         may go into debt, at most one full bucket deep."""
@@ -110,9 +107,9 @@ class KeyLimiter:
             return
         requests, toks = pair
         if requests:
-            requests.give_back(1)
+            requests.settle(-1)
         if toks:
-            toks.give_back(tokens)
+            toks.settle(-tokens)
 
 
 def estimate_tokens(body: dict, prompt_text: str, generates: bool = True) -> int:
