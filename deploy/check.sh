@@ -26,8 +26,8 @@ BIN=$(dirname "$PY")
 TOOLS=$ROOT/.cache/deploy-tools
 HELM=$TOOLS/node_modules/.bin/helm
 CHART=$ROOT/helm/qwen-serve
-# shared/ sits beside the repo clone, for developers and CI alike.
-KUBERAY_SCHEMAS=${KUBERAY_SCHEMAS:-$ROOT/../shared/schemas/kuberay}
+# Vendored (deploy/kuberay-crds/README.md says from which KubeRay commit and how to refresh).
+KUBERAY_SCHEMAS=${KUBERAY_SCHEMAS:-$ROOT/deploy/kuberay-crds}
 KUBE_VERSION=${KUBE_VERSION:-1.33.0}
 # Kinds whose schemas kubernetes-validate does not ship. RayService/RayCluster are
 # checked against the KubeRay CRDs (step crd); the PrometheusRule's rules are the
