@@ -328,9 +328,11 @@ async def test_redis_total_bounded_by_maxmemory(redis_url):
         for i in range(200):  # ~10 MB into a 4 MB server: must evict, never error
             await cache.put(f"k{i}", value)
         info = await admin.info("memory")
+        # What Redis promises is the bound, not which key goes: allkeys-lru samples
+        # keys, so the oldest one survives now and then (it did in 2 of 6 runs).
         assert info["used_memory"] <= info["maxmemory"] * 1.1
-        assert await cache.get("k0") is None      # oldest evicted
-        assert await cache.get("k199") == value   # newest kept
+        assert len(await admin.keys("t3:*")) < 200  # something was evicted...
+        assert await cache.get("k199") == value     # ...and a fresh write reads back
     finally:
         await cache.aclose()
         await admin.aclose()
