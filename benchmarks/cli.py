@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from serving.client.flags import add_url_argument, resolve_url
+
 from . import environment
 from .client import Target
 from .compare import run_compare
@@ -30,13 +32,10 @@ from .tokenizing import open_tokenizer
 from .workloads import (LENGTH_CONTROLLED, WORKLOADS, WorkloadOptions, build_requests,
                         default_endpoint)
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """All flags (shared by ``python -m benchmarks`` and ``qwen-serve bench``)."""
     t = p.add_argument_group("target")
-    t.add_argument("--url", default=None, help=f"server base URL (default {DEFAULT_URL})")
+    add_url_argument(t)
     t.add_argument("--compare", nargs=2, metavar=("URL_A", "URL_B"),
                    help="A/B mode: same requests against both, interleaved; prints B/A")
     t.add_argument("--model", help="model name (default: first of /v1/models, per server)")
@@ -135,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     headers = {"Authorization": f"Bearer {args._api_key}"} if args._api_key else {}
     endpoint = args.endpoint or default_endpoint(args.workload)
     urls = {"A": args.compare[0], "B": args.compare[1]} if args.compare else \
-        {"A": args.url or DEFAULT_URL}
+        {"A": resolve_url(args)}
     try:
         resolved = {k: _target(u, args, endpoint, headers) for k, u in urls.items()}
     except (httpx.HTTPError, RuntimeError) as exc:

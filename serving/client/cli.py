@@ -30,7 +30,8 @@ from typing import Any, Callable
 
 from .extract import (SENTIMENT_SYSTEM, ExtractionError, SchemaError, extract_json,
                       sentiment_prompt, sentiment_schema)
-from .http import API_KEY_ENV, DEFAULT_BASE_URL, APIError, AsyncClient, Client
+from .flags import add_url_argument, resolve_url
+from .http import API_KEY_ENV, APIError, AsyncClient, Client
 from .summarize import DEFAULT_SYSTEM as SUMMARY_SYSTEM
 from .summarize import plan_document, summarize
 from .translate import aiter_translate, read_jsonl
@@ -120,7 +121,7 @@ def register(subparsers: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="stack address (%(default)s)")
+    add_url_argument(p)
     p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"bearer key (default: ${API_KEY_ENV})")
     p.add_argument("--model", help="served model (default: the first from /v1/models)")
@@ -153,7 +154,7 @@ def _read_input(value: str) -> str:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.base_url, args.api_key)
+    return Client(resolve_url(args), args.api_key)
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -250,7 +251,7 @@ def cmd_translate(args: argparse.Namespace) -> int:
 async def _translate_to(out: Any, items: list, args: argparse.Namespace) -> list:
     """Write each result as soon as every earlier one is written; return the failures."""
     failed = []
-    async with AsyncClient(args.base_url, args.api_key) as c:
+    async with AsyncClient(resolve_url(args), args.api_key) as c:
         async for item in aiter_translate(
                 items, target=args.target, source=args.source, client=c, model=args.model,
                 concurrency=args.concurrency, max_tokens=args.max_tokens,
