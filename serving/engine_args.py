@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 from .config import DeploymentConfig
+from .hardware import engine_dtype
 from .modelinfo import ModelFacts, resolve_source
 from .plan import max_model_len
 
@@ -62,7 +63,7 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
     mdl, eng, topo = cfg.model, cfg.engine, cfg.topology
     argv = ["--model", resolve_source(mdl.source),
             "--served-model-name", cfg.served_model_name,
-            "--dtype", mdl.dtype,
+            "--dtype", engine_dtype(mdl.dtype, device),
             "--tensor-parallel-size", str(topo.tensor_parallel_size),
             "--disable-uvicorn-access-log",
             "--enable-prefix-caching" if eng.enable_prefix_caching else "--no-enable-prefix-caching"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .config import DeploymentConfig
+from .hardware import engine_dtype
 from .modelinfo import ModelFacts
 
 GIB = 1 << 30
@@ -33,6 +34,7 @@ class Plan:
     model: str
     facts_from: str
     device: str
+    dtype: str
     gpus: int
     tensor_parallel_size: int
     replicas: int
@@ -86,6 +88,7 @@ def make_plan(
     lines: list[str] = []
 
     _check_hardware(cfg, device, warnings)
+    dtype = engine_dtype(mdl.dtype, device)
     max_len = _max_model_len(cfg, facts, warnings)
 
     # --- tensor parallelism and replicas -------------------------------------
@@ -113,10 +116,13 @@ def make_plan(
     lines.append(f"replicas = {replicas} (each TP={tp_size}); valid TP sizes: {tp_choices}")
 
     # --- weights --------------------------------------------------------------
-    weight_bytes = _weight_bytes(cfg, facts, lines)
+    if dtype != mdl.dtype:
+        lines.append(f"dtype = {dtype} (model.dtype auto on this CPU"
+                     f"{' with' if dtype == 'bfloat16' else ' without'} native bf16)")
+    weight_bytes = _weight_bytes(cfg, facts, dtype, lines)
     per_device_weights = weight_bytes // tp_size
     # --- KV cache -------------------------------------------------------------
-    kv_elem = 1 if eng.kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES[mdl.dtype]
+    kv_elem = 1 if eng.kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES[dtype]
     kv_per_token = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * kv_elem
     lines.append(f"KV bytes/token = 2 (K,V) × {facts.num_layers} layers × {facts.num_kv_heads} KV heads "
                  f"× {facts.head_dim} head_dim × {kv_elem} B = {kv_per_token:,}")
@@ -150,7 +156,7 @@ def make_plan(
                         f"({kv_tokens} tokens); lower max_model_len or raise the KV budget")
 
     return Plan(
-        model=facts.name, facts_from=facts.origin, device=device, gpus=n_gpus,
+        model=facts.name, facts_from=facts.origin, device=device, dtype=dtype, gpus=n_gpus,
         tensor_parallel_size=tp_size, replicas=replicas, valid_tp_sizes=tp_choices,
         valid_layouts=layouts, num_params=facts.num_params, weight_bytes=weight_bytes,
         weight_bytes_per_device=per_device_weights, kv_bytes_per_token=kv_per_token,
@@ -171,9 +177,9 @@ def _tp_reason(facts: ModelFacts, tp: int, n_gpus: int) -> str:
             f"split nor evenly replicated across {tp} GPUs")
 
 
-def _weight_bytes(cfg: DeploymentConfig, facts: ModelFacts, lines: list[str]) -> int:
+def _weight_bytes(cfg: DeploymentConfig, facts: ModelFacts, dtype: str, lines: list[str]) -> int:
     q = cfg.model.quantization
-    dtype_b = _DTYPE_BYTES[cfg.model.dtype]
+    dtype_b = _DTYPE_BYTES[dtype]
     if q == "none" or (q == "fp8" and not cfg.model.fp8_weights):
         lines.append(f"weights = {facts.num_params:,} params × {dtype_b} B = {facts.num_params * dtype_b:,} B")
         return facts.num_params * dtype_b
@@ -244,7 +250,8 @@ def format_plan(plan: Plan) -> str:
     gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     out = [
         f"model            {plan.model}  (facts from {plan.facts_from})",
-        f"device           {plan.device}" + (f", {plan.gpus} GPUs" if plan.device != "cpu" else ""),
+        f"device           {plan.device}" + (f", {plan.gpus} GPUs" if plan.device != "cpu" else "")
+        + f", dtype {plan.dtype}",
         f"layout           {plan.replicas} replicas × TP{plan.tensor_parallel_size}",
         f"valid TP sizes   {plan.valid_tp_sizes}   layouts: {', '.join(plan.valid_layouts)}",
         f"parameters       {plan.num_params:,}",

