@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .embedded_model import EMBEDDED_SOURCE
+from .quantization import METHODS, check_name
 
 ENV_PREFIX = "QWEN_SERVE__"
 
-Quantization = Literal["none", "fp8", "awq", "gptq", "bitsandbytes", "gguf"]
 Device = Literal["auto", "cuda", "cpu"]
 RoutingPolicy = Literal["round_robin", "power_of_two", "prefix_affinity"]
 
@@ -50,7 +50,9 @@ class ModelConfig(_Section):
     served_name: str | None = None
     revision: str | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    quantization: Quantization = "none"
+    # A method the installed vLLM runs and the planner can size (serving/quantization.py).
+    # The chart's schema lists the names; load time checks them against the installed vLLM.
+    quantization: str = Field(default="none", json_schema_extra={"enum": ["none", *sorted(METHODS)]})
     # fp8 applies to the weights, the KV cache, or both (Ada/Hopper only).
     fp8_weights: bool = True
     max_model_len: int | None = Field(default=None, gt=0)
@@ -58,6 +60,11 @@ class ModelConfig(_Section):
     # Qwen documents YaRN only for 7B+; a profile that enables it anyway must
     # say it knows (the launcher still prints the warning).
     yarn_acknowledge_unsupported: bool = False
+
+    @field_validator("quantization")
+    @classmethod
+    def _runnable_quantization(cls, value: str) -> str:
+        return check_name(value)
 
 
 class EngineConfig(_Section):

@@ -16,6 +16,7 @@ from .config import DeploymentConfig
 from .hardware import engine_dtype
 from .modelinfo import ModelFacts, resolve_source
 from .plan import max_model_len
+from .quantization import METHODS
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -82,17 +83,19 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         argv += ["--revision", mdl.revision]
     if mdl.max_model_len:
         argv += ["--max-model-len", str(mdl.max_model_len)]
+    hf_overrides: dict = {}
     if mdl.yarn is not None:
-        rope = {"rope_type": "yarn", "factor": mdl.yarn.factor,
-                "original_max_position_embeddings": mdl.yarn.original_max_position_embeddings,
-                # Overriding rope_parameters replaces the dict, so keep the model's theta.
-                "rope_theta": facts.rope_theta}
-        argv += ["--hf-overrides", json.dumps({"rope_parameters": rope})]
-    if mdl.quantization == "fp8":
-        if mdl.fp8_weights:
-            argv += ["--quantization", "fp8"]
-    elif mdl.quantization != "none":
-        argv += ["--quantization", mdl.quantization]
+        hf_overrides["rope_parameters"] = {
+            "rope_type": "yarn", "factor": mdl.yarn.factor,
+            "original_max_position_embeddings": mdl.yarn.original_max_position_embeddings,
+            # Overriding rope_parameters replaces the dict, so keep the model's theta.
+            "rope_theta": facts.rope_theta}
+    if mdl.quantization != "none":
+        quant_argv, quant_overrides = METHODS[mdl.quantization].engine_args(mdl.fp8_weights)
+        argv += quant_argv
+        hf_overrides.update(quant_overrides)
+    if hf_overrides:
+        argv += ["--hf-overrides", json.dumps(hf_overrides)]
     if eng.kv_cache_dtype != "auto":
         argv += ["--kv-cache-dtype", eng.kv_cache_dtype]
     if eng.block_size:

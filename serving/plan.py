@@ -12,15 +12,10 @@ from dataclasses import asdict, dataclass, field
 from .config import DeploymentConfig
 from .hardware import engine_dtype
 from .modelinfo import ModelFacts
+from .quantization import METHODS, QuantizationError, check_device
 
 GIB = 1 << 30
 
-# Bytes per parameter of the quantized body (embeddings stay 16-bit). 4-bit
-# formats carry per-group scales: AWQ/GPTQ group 128 with fp16 scale+zero adds
-# 4/128 byte, bitsandbytes NF4 adds an fp32 absmax per 64 (1/16 byte), GGUF is
-# taken at Q4_K_M's ~4.8 bits.
-_QUANT_BYTES = {"fp8": 1.0, "awq": 0.5 + 4 / 128, "gptq": 0.5 + 4 / 128,
-                "bitsandbytes": 0.5 + 1 / 16, "gguf": 0.6}
 _DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 _FP8_ARCHS = {"ada", "hopper", "blackwell"}
 
@@ -183,11 +178,13 @@ def _weight_bytes(cfg: DeploymentConfig, facts: ModelFacts, dtype: str, lines: l
     if q == "none" or (q == "fp8" and not cfg.model.fp8_weights):
         lines.append(f"weights = {facts.num_params:,} params × {dtype_b} B = {facts.num_params * dtype_b:,} B")
         return facts.num_params * dtype_b
+    method = METHODS[q]
+    # Only the linear layers are quantized: embeddings (and a tied lm_head) keep the dtype.
     embed = facts.vocab_size * facts.hidden_size * (1 if facts.tie_word_embeddings else 2)
     body = facts.num_params - embed
-    total = int(embed * 2 + body * _QUANT_BYTES[q])
-    lines.append(f"weights = {embed:,} embedding params × 2 B + {body:,} params × "
-                 f"{_QUANT_BYTES[q]:.3f} B ({q}) = {total:,} B")
+    total = int(embed * dtype_b + body * method.bytes_per_param)
+    lines.append(f"weights = {embed:,} embedding params × {dtype_b} B + {body:,} params × "
+                 f"{method.bytes_per_param:.3f} B ({q}; {method.basis}) = {total:,} B")
     return total
 
 
@@ -223,10 +220,14 @@ def _max_model_len(cfg: DeploymentConfig, facts: ModelFacts, warnings: list[str]
 
 def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> None:
     mdl, eng = cfg.model, cfg.engine
+    try:
+        method = check_device(mdl.quantization, device)
+    except QuantizationError as exc:
+        raise PlanError(str(exc)) from None
+    if method is not None and method.needs_checkpoint:
+        warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
+                        "that way (model.source must point at it)")
     if device == "cpu":
-        if mdl.quantization != "none":
-            raise PlanError(f"model.quantization={mdl.quantization!r} is not supported on CPU "
-                            "(CPU runs bf16 or fp32 only)")
         if mdl.dtype == "float16":
             raise PlanError("model.dtype='float16' is not supported on CPU (use bfloat16 or float32)")
         if eng.kv_cache_dtype != "auto":
@@ -241,9 +242,6 @@ def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> 
         raise PlanError(f"fp8 needs an Ada or Hopper GPU (or newer); topology.gpu_arch={arch!r}")
     if fp8 and arch is None:
         warnings.append("fp8 requested but topology.gpu_arch is unset: cannot verify Ada/Hopper")
-    if mdl.quantization in {"awq", "gptq", "gguf"}:
-        warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
-                        "that way (model.source must point at it)")
 
 
 def format_plan(plan: Plan) -> str:
