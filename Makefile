@@ -10,7 +10,7 @@ serve: install prepare
 	$(VENV)/bin/qwen-serve serve --config $(CONFIG)
 
 test: install-test prepare
-	$(PY) -m pytest -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -ra --durations=20 $(PYTEST_ARGS)
 
 test-unit: install-test
 	$(PY) -m pytest -ra -m "not stack" $(PYTEST_ARGS)

@@ -1,0 +1,232 @@
+"""Measure a quantization method against the unquantized engine on this machine's CPU.
+
+Two bare engines (``qwen-serve engine``, the profile's own flags) run side by side, each
+pinned to its own core so neither steals the other's; requests alternate between them
+(A, B, A, B, …) so drift in the machine's load hits both alike. Printed per engine:
+
+- weight memory: the engine core process's RSS after load (same KV cache bytes for both,
+  so the difference is the weights);
+- TTFT and output tok/s of single streams (c=1), medians over the interleaved requests;
+- answer agreement with A on a fixed prompt set at temperature 0: exact matches and the
+  mean share of A's tokens that B reproduces before the first difference.
+
+    python -m benchmarks.quantization                         # dtype auto vs + torchao int8
+    python -m benchmarks.quantization --base model.dtype=bfloat16 --eager
+
+Ratios are B / A from one run; figures go to stdout as Markdown and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from serving.ports import reserved_port
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "deploy" / "configs" / "local-cpu.yaml"
+
+PROMPTS = [
+    "What is the capital of France?", "Name three primary colors.",
+    "Write a haiku about the sea.", "Explain what a CPU does in one sentence.",
+    "List the first five prime numbers.", "Translate 'good morning' into Spanish.",
+    "What is 12 times 12?", "Give a synonym for 'happy'.",
+    "Why is the sky blue? Answer briefly.", "Describe a cat in five words.",
+    "What does HTTP stand for?", "Suggest a name for a pet goldfish.",
+    "What is the boiling point of water in Celsius?", "Who wrote Romeo and Juliet?",
+    "Summarize: The meeting moved to Friday because the room was booked.",
+    "Complete the sentence: The early bird",
+]
+
+
+@dataclass
+class Engine:
+    name: str
+    overrides: list[str]
+    core: int
+    port: int = 0
+    proc: subprocess.Popen | None = None
+    startup_s: float = 0.0
+    rss_bytes: int = 0
+    ttft_s: list[float] = field(default_factory=list)
+    tok_s: list[float] = field(default_factory=list)
+    answers: list[list[int]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _engine_core_rss(pid: int) -> int:
+    """RSS of the engine core: the api_server's child named VLLM::EngineCore."""
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if "EngineCore" in Path(f"/proc/{child}/cmdline").read_text():
+                status = Path(f"/proc/{child}/status").read_text()
+                kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
+                return int(kb) * 1024
+        except (OSError, StopIteration):
+            continue
+    raise RuntimeError(f"no EngineCore child under {pid}")
+
+
+def start(engine: Engine, log_dir: Path, timeout_s: float) -> None:
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(engine.core)}
+    log = (log_dir / f"{engine.name}.log").open("wb")
+    started = time.monotonic()
+    with reserved_port() as port:
+        engine.port = port
+        sets = [a for o in engine.overrides for a in ("--set", o)]
+        engine.proc = subprocess.Popen(
+            [sys.executable, "-m", "serving", "engine", "--config", str(CONFIG),
+             "--host", "127.0.0.1", "--port", str(port), *sets],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+    while time.monotonic() - started < timeout_s:
+        if engine.proc.poll() is not None:
+            raise RuntimeError(f"{engine.name} exited; see {log.name}")
+        try:
+            if httpx.get(f"{engine.url}/health", timeout=5).status_code == 200:
+                engine.startup_s = time.monotonic() - started
+                engine.rss_bytes = _engine_core_rss(engine.proc.pid)
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{engine.name} not up after {timeout_s:.0f}s")
+
+
+def stop(engine: Engine) -> None:
+    if engine.proc is not None and engine.proc.poll() is None:
+        os.killpg(engine.proc.pid, signal.SIGTERM)
+        try:
+            engine.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(engine.proc.pid, signal.SIGKILL)
+
+
+def stream(client: httpx.Client, engine: Engine, prompt: str, max_tokens: int,
+           ignore_eos: bool) -> tuple[float, float, list[int]]:
+    """(TTFT s, output tok/s after the first token, token ids) of one chat stream."""
+    body = {"model": "smollm2-135m-instruct", "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}], "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True,
+            "ignore_eos": ignore_eos}
+    sent = time.perf_counter()
+    first = last = None
+    ids: list[int] = []
+    with client.stream("POST", f"{engine.url}/v1/chat/completions", json=body) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            for choice in chunk.get("choices", []):
+                got = choice.get("token_ids") or []
+                if got:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    ids += got
+    assert first is not None and last is not None, "no tokens streamed"
+    rate = (len(ids) - 1) / (last - first) if len(ids) > 1 and last > first else 0.0
+    return first - sent, rate, ids
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
+    exact = sum(x == y for x, y in zip(a, b))
+    shares = []
+    for x, y in zip(a, b):
+        same = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+        shares.append(same / max(len(x), 1))
+    return exact, statistics.mean(shares)
+
+
+def run(args: argparse.Namespace) -> dict:
+    eager = ['engine.extra_args=["--enforce-eager"]'] if args.eager else []
+    a = Engine("A", [*args.base, *eager], core=0)
+    b = Engine("B", [*args.base, *args.method, *eager], core=1)
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        for engine in (a, b):  # one at a time: two compiles at once would skew startup
+            start(engine, log_dir, args.startup_timeout)
+        with httpx.Client(timeout=300) as client:
+            for engine in (a, b):
+                stream(client, engine, "warm up", 8, False)
+            for round_ in range(args.rounds):
+                for engine in ((a, b) if round_ % 2 == 0 else (b, a)):
+                    ttft, rate, _ = stream(client, engine, PROMPTS[round_ % len(PROMPTS)],
+                                           args.output_len, True)
+                    engine.ttft_s.append(ttft)
+                    engine.tok_s.append(rate)
+            for prompt in PROMPTS:
+                for engine in (a, b):
+                    engine.answers.append(stream(client, engine, prompt, 32, False)[2])
+    finally:
+        for engine in (a, b):
+            stop(engine)
+    exact, share = agreement(a.answers, b.answers)
+    row = lambda e: {"overrides": e.overrides, "startup_s": round(e.startup_s, 1),  # noqa: E731
+                     "engine_rss_mib": round(e.rss_bytes / 2**20, 1),
+                     "ttft_p50_ms": round(statistics.median(e.ttft_s) * 1000, 1),
+                     "tok_s_p50": round(statistics.median(e.tok_s), 2)}
+    doc = {"A": row(a), "B": row(b),
+           "ratios_b_over_a": {
+               "engine_rss": round(b.rss_bytes / a.rss_bytes, 3),
+               "tok_s": round(statistics.median(b.tok_s) / statistics.median(a.tok_s), 3),
+               "ttft": round(statistics.median(b.ttft_s) / statistics.median(a.ttft_s), 3)},
+           "agreement": {"prompts": len(PROMPTS), "exact": exact, "mean_prefix_share": round(share, 3),
+                         "max_tokens": 32},
+           "rounds": args.rounds, "output_len": args.output_len, "eager": args.eager}
+    return doc
+
+
+def markdown(doc: dict) -> str:
+    a, b, r, g = doc["A"], doc["B"], doc["ratios_b_over_a"], doc["agreement"]
+    lines = ["| engine | overrides | engine RSS | TTFT p50 | tok/s p50 (c=1) | startup |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, e in (("A", a), ("B", b)):
+        lines.append(f"| {name} | {' '.join(e['overrides']) or '(profile)'} | {e['engine_rss_mib']} MiB | "
+                     f"{e['ttft_p50_ms']} ms | {e['tok_s_p50']} | {e['startup_s']} s |")
+    lines.append(f"\nB/A: RSS {r['engine_rss']}x, tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
+                 f"agreement {g['exact']}/{g['prompts']} exact, {g['mean_prefix_share']:.0%} of A's "
+                 f"tokens before the first difference ({g['max_tokens']} tokens, temperature 0); "
+                 f"{doc['rounds']} interleaved rounds of {doc['output_len']} tokens"
+                 + (", --enforce-eager" if doc["eager"] else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quantization", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", action="append", default=[], metavar="KEY=VALUE",
+                   help="--set for both engines (repeatable)")
+    p.add_argument("--method", action="append", metavar="KEY=VALUE",
+                   help="--set for B only (default: model.quantization=torchao)")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--eager", action="store_true", help="--enforce-eager for both (faster start)")
+    p.add_argument("--startup-timeout", type=float, default=900)
+    p.add_argument("--log-dir", default="benchmarks/results/quantization-cpu")
+    args = p.parse_args(argv)
+    args.method = args.method or ["model.quantization=torchao"]
+    if len(os.sched_getaffinity(0)) < 2:
+        p.error("needs two cores: one per engine")
+    doc = run(args)
+    print(markdown(doc))
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
