@@ -139,7 +139,15 @@ class LimitsConfig(_Section):
     # Requests in flight across all replicas / per replica; beyond → 429 + Retry-After.
     max_in_flight: int | None = Field(default=None, gt=0)
     max_in_flight_per_replica: int | None = Field(default=None, gt=0)
-    max_n: int = Field(default=8, ge=1)
+    max_n: int = Field(default=8, ge=1)  # also bounds best_of
+    # Shape bounds (ingress/shape.py): each refusal is a 400 naming the field.
+    max_json_depth: int = Field(default=64, ge=2)
+    max_prompts: int = Field(default=1024, ge=1)     # a /v1/completions batch (vLLM's own cap)
+    max_sequences: int = Field(default=1024, ge=1)   # prompts × max(n, best_of)
+    max_messages: int = Field(default=1024, ge=1)
+    max_stop: int = Field(default=16, ge=1)
+    max_tools: int = Field(default=128, ge=1)        # OpenAI's cap
+    max_logit_bias: int = Field(default=300, ge=1)   # OpenAI's cap
     # Per API key (or per client address when keys are off).
     requests_per_minute: int | None = Field(default=None, gt=0)
     tokens_per_minute: int | None = Field(default=None, gt=0)

@@ -23,7 +23,8 @@ from starlette.routing import Route
 from serving.config import LimitsConfig
 from serving.ingress.admission import Admission, Rejected
 from serving.ingress.auth import ApiKeyError, ApiKeys, bearer_token, key_id
-from serving.ingress.limits import KeyLimiter, TokenBucket, estimate_tokens
+from serving.ingress.limits import KeyLimiter, TokenBucket
+from serving.ingress.shape import estimate_tokens
 from serving.ingress.usage import StreamUsage, total_tokens, total_tokens_of_body
 
 PLAIN, HASHED = "sk-plain-0123456789", "sk-hashed-9876543210"
@@ -392,3 +393,71 @@ def test_stream_meter_keeps_only_the_last_bytes():
     meter.feed(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
     meter.feed(b"data: " + b"x" * 100 + b"\n\n")  # pushes the usage event out
     assert meter.reported_tokens() is None and len(meter._tail) == 64
+
+
+# --- shape bounds and pricing (ingress/shape.py) ---------------------------------
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({**GOOD, "best_of": 1000}, "best_of"), ({**GOOD, "best_of": 0}, "best_of"),
+    ({**GOOD, "logit_bias": {"50256": 1e9}}, "logit_bias"),
+    ({**GOOD, "logit_bias": {"1": -101}}, "logit_bias"), ({**GOOD, "logit_bias": {"1": "x"}}, "logit_bias"),
+    ({**GOOD, "logit_bias": [1, 2]}, "logit_bias"),
+    ({**GOOD, "logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+    ({**GOOD, "stop": ["x"] * 17}, "stop"),
+    ({**GOOD, "prompt": ["p"] * 1025}, "prompt"),
+    ({**GOOD, "prompt": [[1, 2]] * 1025}, "prompt"),
+    ({**GOOD, "prompt": ["p"] * 200, "n": 8}, "n"),           # 1,600 sequences
+    ({**CHAT, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x"}, "text"]}, "messages[1]"),
+    ({**CHAT, "messages": "hello"}, "messages"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x"}] * 1025}, "messages"),
+    ({**CHAT, "tools": [{"type": "function"}] * 129}, "tools"),
+])
+async def test_lists_maps_and_roles_are_bounded_400_naming_the_parameter(body, param):
+    async with client_for(app_for(LimitsConfig(), None)) as client:
+        assert_openai_error(await client.post("/v1/completions", json=body), 400, param)
+
+
+@pytest.mark.parametrize("depth", [65, 5_000, 100_000])
+async def test_deep_nesting_is_400_not_500(depth):
+    raw = b'{"model": "m", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    async with client_for(app_for(LimitsConfig(), None)) as client:
+        resp = await client.post("/v1/completions", content=raw,
+                                 headers={"content-type": "application/json"})
+        assert "nests deeper than 64" in assert_openai_error(resp, 400)["message"]
+
+
+async def test_bounds_are_configurable_and_valid_shapes_pass():
+    limits = LimitsConfig(max_stop=2, max_prompts=3, max_json_depth=4)
+    async with client_for(app_for(limits, None)) as client:
+        assert_openai_error(await client.post("/v1/completions", json={**GOOD, "stop": ["a", "b", "c"]}), 400, "stop")
+        assert_openai_error(await client.post("/v1/completions", json={**GOOD, "prompt": ["a"] * 4}), 400, "prompt")
+        ok = [{**GOOD, "stop": ["a", "b"]}, {**GOOD, "prompt": ["a", "b", "c"]}, {**GOOD, "prompt": [1, 2, 3, 4, 5]},
+              {**CHAT, "messages": [{"role": r, "content": "x"} for r in ("system", "user", "assistant")]},
+              {**GOOD, "logit_bias": {"1": 100, "2": -100}}, {**GOOD, "best_of": 8}]
+        for body in ok:
+            resp = await client.post("/v1/completions", json=body)
+            assert resp.status_code == 200, (body, resp.text)
+
+
+def test_a_batch_is_priced_for_every_prompt_and_sequence():
+    one = estimate_tokens({"prompt": "x" * 400, "max_tokens": 512}, "x" * 400)
+    batch = {"prompt": ["x" * 400] * 1000, "max_tokens": 512}
+    assert estimate_tokens(batch, "x" * 400) == 1000 * one
+    # Token-id prompts count their ids; a batch of them each one.
+    assert estimate_tokens({"prompt": list(range(300)), "max_tokens": 10}, "") == 300 + 10
+    assert estimate_tokens({"prompt": [list(range(300))] * 4, "max_tokens": 10}, "") == 4 * (300 + 10)
+    # best_of generates best_of sequences per prompt even when n is smaller.
+    assert estimate_tokens({"prompt": "", "max_tokens": 10, "n": 2, "best_of": 5}, "") == 50
+
+
+async def test_a_1000_prompt_batch_is_charged_1000_times():
+    async with client_for(app_for(LimitsConfig(tokens_per_minute=10_000_000), None)) as client:
+        one = (await client.post("/v1/completions", json={"model": "m", "prompt": "x" * 400,
+                                                          "max_tokens": 512})).json()["charged_tokens"]
+        batch = {"model": "m", "prompt": ["x" * 400] * 1000, "max_tokens": 512}
+        charged = (await client.post("/v1/completions", json=batch)).json()["charged_tokens"]
+        assert charged == 1000 * one == 1000 * (100 + 512)

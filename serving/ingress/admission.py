@@ -1,8 +1,9 @@
 """Admission: everything the ingress checks before a request may reach an engine.
 
 In order, cheapest first, each failure an OpenAI-style error: draining (503),
-API key (401), content type (415), body size (413), JSON (400), basic bounds
-(400), per-key rate limits (429 + Retry-After). Capacity (429 when every
+API key (401), content type (415), body size (413), JSON (400), shape bounds
+(400, shape.py), per-key rate limits (429 + Retry-After) charged for all of the
+request's work. Capacity (429 when every
 replica is at its in-flight bound) is checked when a replica is chosen.
 """
 
@@ -17,7 +18,8 @@ from starlette.responses import Response
 from ..config import LimitsConfig
 from .auth import ApiKeys, bearer_token
 from .errors import error_response
-from .limits import KeyLimiter, estimate_tokens
+from .limits import KeyLimiter
+from .shape import ShapeError, check, estimate_tokens
 from .routing import routing_text
 
 
@@ -68,6 +70,10 @@ class Admission:
         except (ValueError, UnicodeDecodeError):
             raise Rejected("invalid", error_response(
                 400, "The request body is not valid JSON.", code="invalid_json")) from None
+        except RecursionError:  # nested deeper than the parser's stack
+            raise Rejected("invalid", error_response(
+                400, f"The request body nests deeper than {self.limits.max_json_depth} levels.",
+                code="invalid_json")) from None
         if not isinstance(body, dict):
             raise Rejected("invalid", error_response(
                 400, "The request body must be a JSON object.", code="invalid_json"))
@@ -114,24 +120,8 @@ class Admission:
         return b"".join(chunks)
 
     def _check_bounds(self, body: dict) -> None:
-        def bad(param: str, message: str) -> Rejected:
-            return Rejected("invalid", error_response(400, message, param=param,
-                                                      code="invalid_value"))
-
-        n = body.get("n")
-        if n is not None and (not isinstance(n, int) or isinstance(n, bool)
-                              or not 1 <= n <= self.limits.max_n):
-            raise bad("n", f"n must be an integer from 1 to {self.limits.max_n}.")
-        for name in ("max_tokens", "max_completion_tokens"):
-            value = body.get(name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise bad(name, f"{name} must be a positive integer.")
-        temperature = body.get("temperature")
-        if temperature is not None and (isinstance(temperature, bool)
-                                        or not isinstance(temperature, (int, float))
-                                        or not 0 <= temperature <= 2):
-            raise bad("temperature", "temperature must be a number from 0 to 2.")
-        top_p = body.get("top_p")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0 < top_p <= 1):
-            raise bad("top_p", "top_p must be a number greater than 0 and at most 1.")
+        try:
+            check(body, self.limits)
+        except ShapeError as exc:
+            raise Rejected("invalid", error_response(400, str(exc), param=exc.param,
+                                                     code="invalid_value")) from None

@@ -29,10 +29,10 @@ from .auth import ApiKeys
 from .cache import (CachedResponse, RedisResponseCache, ResponseCache, StreamCapture,
                     sse_from_completion)
 from .errors import error_body, error_response
-from .limits import estimate_tokens
 from .metrics import RouterMetrics, fetch_replica_metrics
 from .pool import Replica, ReplicaPool
 from .routing import RoutingPolicy, make_policy
+from .shape import estimate_tokens
 from .usage import StreamUsage, total_tokens_of_body
 
 logger = logging.getLogger("qwen_serve.ingress")

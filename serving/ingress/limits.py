@@ -16,8 +16,6 @@ import math
 import time
 from dataclasses import dataclass, field
 
-CHARS_PER_TOKEN = 4
-DEFAULT_MAX_TOKENS = 256
 
 
 @dataclass
@@ -110,16 +108,3 @@ class KeyLimiter:
             requests.settle(-1)
         if toks:
             toks.settle(-tokens)
-
-
-def estimate_tokens(body: dict, prompt_text: str, generates: bool = True) -> int:
-    """The most a request can cost; only the prompt for routes that generate nothing
-    (/tokenize, /detokenize)."""
-    prompt = len(prompt_text) // CHARS_PER_TOKEN
-    if not generates:
-        return prompt
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        max_tokens = DEFAULT_MAX_TOKENS
-    n = body.get("n") if isinstance(body.get("n"), int) and body.get("n") > 0 else 1
-    return prompt + max_tokens * n
