@@ -97,11 +97,27 @@ def test_bucket_refills_at_its_rate():
     assert bucket.wait_for(5, now=10_000.0) == 0 and bucket.level == 5
 
 
-def test_request_bigger_than_the_bucket_waits_for_a_full_bucket_then_passes():
+def test_request_bigger_than_a_minutes_budget_is_refused_not_capped():
+    # Capping its charge at one bucket let a 1,000-prompt batch run for a minute's price.
+    limiter = KeyLimiter(requests_per_minute=None, tokens_per_minute=600)
+    assert limiter.too_large(601) and not limiter.too_large(600)
+    assert not KeyLimiter(None, None).too_large(10**12)
     bucket = TokenBucket(rate_per_s=10.0, capacity=600, stamp=0.0)
     bucket.take(600)
-    assert bucket.wait_for(10_000, now=0.0) == pytest.approx(60.0)
-    assert bucket.wait_for(10_000, now=60.0) == 0
+    assert bucket.wait_for(600, now=0.0) == pytest.approx(60.0)
+    assert bucket.wait_for(600, now=60.0) == 0
+
+
+async def test_too_large_is_429_without_retry_after():
+    async with client_for(app_for(LimitsConfig(tokens_per_minute=10_000), None)) as client:
+        resp = await client.post("/v1/completions", json={"model": "m", "prompt": ["x"] * 100,
+                                                          "max_tokens": 512})
+        err = assert_openai_error(resp, 429)
+        assert err["code"] == "request_too_large" and "51,200" in err["message"]
+        assert "retry-after" not in resp.headers
+        # Nothing was charged: a request that fits still passes.
+        ok = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 9_000})
+        assert ok.status_code == 200
 
 
 def test_requests_per_minute_limit_and_retry_after():

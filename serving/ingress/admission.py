@@ -83,6 +83,13 @@ class Admission:
             return Admitted(raw, body, text, kid)
         who = kid or (request.client.host if request.client else "anonymous")
         tokens = estimate_tokens(body, text, generates=request.url.path.endswith("/completions"))
+        if self.limiter.too_large(tokens):
+            # OpenAI answers "Request too large ... on tokens per min" the same way: 429,
+            # but without Retry-After, since waiting cannot help.
+            raise Rejected("rate_limited", error_response(
+                429, f"Request too large: it may cost {tokens:,} tokens and this key's limit is "
+                     f"{self.limiter.tpm:,} tokens per minute. Lower max_tokens, n or the batch size.",
+                code="request_too_large"))
         wait = self.limiter.admit(who, tokens)
         if wait:
             raise Rejected("rate_limited", error_response(

@@ -37,13 +37,12 @@ class TokenBucket:
         """0 if ``amount`` can be taken now, else the seconds until it can."""
         now = time.monotonic() if now is None else now
         self._refill(now)
-        amount = min(amount, self.capacity)  # a request bigger than a minute's budget waits a full minute
         if self.level >= amount:
             return 0.0
         return (amount - self.level) / self.rate_per_s
 
     def take(self, amount: float) -> None:
-        self.level -= min(amount, self.capacity)
+        self.level -= amount
 
     def settle(self, extra: float, now: float | None = None) -> None:
         """Take ``extra`` more (or give back, if negative) after the fact: the level
@@ -74,8 +73,16 @@ class KeyLimiter:
             self._buckets[key] = pair
         return pair
 
+    def too_large(self, tokens: int) -> bool:
+        """Whether a request costs more than a whole minute's budget: it could never be
+        admitted (``admit`` would ask it to wait forever), so it is refused outright."""
+        return self.tpm is not None and tokens > self.tpm
+
     def admit(self, key: str, tokens: int) -> float:
-        """0 and charge both buckets if allowed; else the Retry-After seconds (nothing charged)."""
+        """0 and charge both buckets if allowed; else the Retry-After seconds (nothing charged).
+
+        ``tokens`` must fit a minute's budget (see :meth:`too_large`).
+        """
         requests, toks = self._for(key)
         now = time.monotonic()
         wait = max(requests.wait_for(1, now) if requests else 0.0,

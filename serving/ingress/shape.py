@@ -141,7 +141,7 @@ def _check_messages(messages: object) -> None:
         if not isinstance(message, dict):
             raise ShapeError(f"messages[{i}]", f"messages[{i}] must be an object.")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ShapeError(f"messages[{i}].role",
                              f"messages[{i}].role must be one of {', '.join(sorted(ROLES))}; "
                              f"got {role!r}.")
