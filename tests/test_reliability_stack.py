@@ -279,8 +279,13 @@ def test_unknown_route_and_wrong_method_are_openai_errors(guarded):
 
 
 def test_tokens_per_minute_limit_answers_429_with_retry_after(guarded):
-    """A request estimated above a minute's budget empties the key's bucket; the next big one waits."""
-    first = post(guarded, "/v1/completions", {"prompt": "Hi", "max_tokens": 2 * TOKENS_PER_MINUTE}, key=KEY_HASHED)
+    """A request above a minute's budget is refused outright; one that nearly empties the
+    key's bucket is admitted, and the next big one waits."""
+    too_large = post(guarded, "/v1/completions", {"prompt": "Hi", "max_tokens": 2 * TOKENS_PER_MINUTE},
+                     key=KEY_HASHED)
+    assert too_large.status_code == 429 and "retry-after" not in too_large.headers
+    assert openai_error(too_large)["code"] == "request_too_large"
+    first = post(guarded, "/v1/completions", {"prompt": "Hi", "max_tokens": TOKENS_PER_MINUTE - 10}, key=KEY_HASHED)
     assert first.status_code == 400  # admitted (and charged), then refused by vLLM: above the context
     second = post(guarded, "/v1/completions", {"prompt": "Hi", "max_tokens": TOKENS_PER_MINUTE // 2}, key=KEY_HASHED)
     assert second.status_code == 429
@@ -407,6 +412,117 @@ def test_fuzz_schemathesis_no_5xx_and_openai_errors(guarded):
     assert len(per_route) == 8
     assert not problems, "\n".join(problems[:20])
     assert httpx.get(f"{guarded.base_url}/health", timeout=10).status_code == 200
+
+
+# --- 7b. a corpus of abusive requests --------------------------------------------------
+
+def abuse_corpus(model: str) -> list[tuple[str, str, object, int | None]]:
+    """(name, path, body (dict, or raw bytes), status the ingress itself must answer or None).
+
+    None: the engine judges it (vLLM's own 400s pass through) — any shaped 4xx or a 200.
+    """
+    chat = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    comp = {"model": model, "prompt": "hi", "max_tokens": 2}
+    deep = b"[" * 30_000 + b"]" * 30_000  # under the 64 KiB cap, far past the parser's recursion
+    return [
+        # cost: work the price must see, or a bound must refuse
+        ("batch of 1,025 prompts", "/v1/completions", {**comp, "prompt": ["p"] * 1025}, 400),
+        ("1,000-prompt batch over the key's tokens/min", "/v1/completions",
+         {**comp, "prompt": ["p"] * 1000, "max_tokens": 2048}, 429),
+        ("token-id batch of 1,025", "/v1/completions", {**comp, "prompt": [[1, 2]] * 1025}, 400),
+        ("best_of 1000", "/v1/completions", {**comp, "best_of": 1000}, 400),
+        ("n 1000", "/v1/chat/completions", {**chat, "n": 1000}, 400),
+        ("200 prompts x n 8", "/v1/completions", {**comp, "prompt": ["p"] * 200, "n": 8}, 400),
+        ("max_tokens 1e9", "/v1/chat/completions", {**chat, "max_tokens": 10**9}, None),
+        ("max_tokens -1", "/v1/chat/completions", {**chat, "max_tokens": -1}, 400),
+        ("max_tokens 1e400 (inf)", "/v1/chat/completions",
+         json.dumps(chat).replace('"max_tokens": 2', '"max_tokens": 1e400').encode(), 400),
+        ("logit_bias 1e9", "/v1/chat/completions", {**chat, "logit_bias": {"1": 1e9}}, 400),
+        ("logit_bias 301 entries", "/v1/chat/completions",
+         {**chat, "logit_bias": {str(i): 1 for i in range(301)}}, 400),
+        ("17 stop sequences", "/v1/chat/completions", {**chat, "stop": ["x"] * 17}, 400),
+        ("129 tools", "/v1/chat/completions",
+         {**chat, "tools": [{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]}, 400),
+        ("1,025 messages", "/v1/chat/completions",
+         {**chat, "messages": [{"role": "user", "content": "x"}] * 1025}, 400),
+        ("top_logprobs 1000", "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 1000}, None),
+        ("logprobs 1000 (completions)", "/v1/completions", {**comp, "logprobs": 1000}, None),
+        # parser
+        ("nested 30,000 deep", "/v1/chat/completions", b'{"model": "m", "x": ' + deep + b"}", 400),
+        ("nested 65 deep", "/v1/chat/completions", {**chat, "x": json.loads("[" * 64 + "]" * 64)}, 400),
+        ("deep json_schema", "/v1/chat/completions",
+         {**chat, "response_format": {"type": "json_schema", "json_schema": {
+             "name": "x", "schema": json.loads('{"a": ' * 70 + "1" + "}" * 70)}}}, 400),
+        ("invalid UTF-8", "/v1/chat/completions", b'{"model": "m", "x": "\xff\xfe"}', 400),
+        ("truncated JSON", "/v1/chat/completions", json.dumps(chat).encode()[:-3], 400),
+        ("top-level array", "/v1/chat/completions", b"[1, 2, 3]", 400),
+        ("NaN temperature", "/v1/chat/completions",
+         json.dumps(chat)[:-1].encode() + b', "temperature": NaN}', 400),
+        ("duplicate key, last one bad", "/v1/chat/completions",
+         json.dumps(chat).replace('"max_tokens": 2', '"max_tokens": 2, "max_tokens": -5').encode(), 400),
+        ("empty body", "/v1/chat/completions", b"", 400),
+        # types
+        ("messages is a string", "/v1/chat/completions", {**chat, "messages": "hello"}, 400),
+        ("message is a string", "/v1/chat/completions", {**chat, "messages": ["hello"]}, 400),
+        ("role wizard", "/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "x"}]}, 400),
+        ("content is a number", "/v1/chat/completions",
+         {**chat, "messages": [{"role": "user", "content": 123}]}, None),
+        ("model is a number", "/v1/chat/completions", {**chat, "model": 123}, None),
+        ("unknown model", "/v1/chat/completions", {**chat, "model": "gpt-5"}, 404),
+        ("temperature 'hot'", "/v1/chat/completions", {**chat, "temperature": "hot"}, 400),
+        ("top_p 5", "/v1/chat/completions", {**chat, "top_p": 5}, 400),
+        ("n true", "/v1/chat/completions", {**chat, "n": True}, 400),
+        ("stream 'yes'", "/v1/chat/completions", {**chat, "stream": "yes"}, None),
+        ("prompt is an object", "/v1/completions", {**comp, "prompt": {"a": 1}}, None),
+        ("empty prompt list", "/v1/completions", {**comp, "prompt": []}, None),
+        ("token id past the vocabulary", "/v1/completions", {**comp, "prompt": [999_999_999]}, None),
+        ("negative token id", "/v1/completions", {**comp, "prompt": [-1]}, None),
+        ("seed 2**70", "/v1/chat/completions", {**chat, "seed": 2**70}, None),
+        # size
+        ("prompt longer than the context", "/v1/completions", {**comp, "prompt": "x " * 30_000}, None),
+        ("body over the cap", "/v1/chat/completions", {**chat, "pad": "x" * (MAX_BODY_BYTES + 1)}, 413),
+        ("tokenize a huge batch", "/tokenize", {"model": model, "prompt": "x " * 30_000}, None),
+    ]
+
+
+def test_abuse_corpus_every_answer_shaped_no_5xx_engines_kept(guarded):
+    engines_before = engine_pids(guarded)
+    corpus = abuse_corpus(guarded.model)
+    assert len(corpus) >= 40
+    problems, statuses = [], {}
+    with httpx.Client(base_url=guarded.base_url, headers=auth(), timeout=120) as client:
+        for name, path, body, expected in corpus:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            resp = client.post(path, content=content, headers={"content-type": "application/json"})
+            statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+            if resp.status_code >= 500 or (expected is not None and resp.status_code != expected):
+                problems.append(f"{name}: {resp.status_code} (want {expected or '4xx/200'}) {resp.text[:160]}")
+            elif resp.status_code >= 400 and not is_openai_error(resp.content):
+                problems.append(f"{name}: {resp.status_code} not OpenAI-shaped: {resp.text[:160]}")
+            elif resp.status_code == 200 and path != "/tokenize":  # bounded: max_tokens 2
+                if resp.headers["content-type"].startswith("text/event-stream"):
+                    # one event per token, plus the role, finish and usage events at most
+                    tokens = resp.text.count("data: {") - 3
+                else:
+                    tokens = resp.json()["usage"]["completion_tokens"]
+                if tokens > 2:
+                    problems.append(f"{name}: 200 generated {tokens} tokens for max_tokens 2")
+
+        # A slow body (five pieces over a second) is still read and answered.
+        def slowly():
+            raw = json.dumps({"model": guarded.model, "prompt": "hi", "max_tokens": 2}).encode()
+            for i in range(0, len(raw), -(-len(raw) // 5)):
+                time.sleep(0.2)
+                yield raw[i:i + -(-len(raw) // 5)]
+
+        slow = client.post("/v1/completions", content=slowly(), headers={"content-type": "application/json"})
+        if slow.status_code != 200:
+            problems.append(f"slow body: {slow.status_code} {slow.text[:160]}")
+    record("abuse_corpus", {"requests": len(corpus) + 1, "statuses": dict(sorted(statuses.items())),
+                            "problems": len(problems)})
+    assert not problems, "\n".join(problems)
+    assert engine_pids(guarded) == engines_before  # no engine restarted
+    assert httpx.get(f"{guarded.base_url}/ready", timeout=30).status_code == 200
 
 
 # --- 8. disconnects and deadlines ----------------------------------------------------
