@@ -85,7 +85,11 @@ def record(name: str, figures: dict) -> None:
     """Keep the measured figures (docs/reliability.md quotes them)."""
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[name] = figures
-    RESULTS.write_text(json.dumps(data, indent=2))
+    # Replaced whole, never rewritten in place: a second suite on the same machine (CI
+    # hunting flakes under load) must never read a half-written file.
+    partial = RESULTS.with_name(f"{RESULTS.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(data, indent=2))
+    os.replace(partial, RESULTS)
     print(f"\n{name}: {json.dumps(figures)}")
 
 
