@@ -48,14 +48,14 @@ class Work:
 
 def depth_within(value: object, limit: int) -> bool:
     """Whether ``value`` nests at most ``limit`` lists/objects deep (iterative: no recursion)."""
-    stack = [(value, 1)]
+    stack = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         node, depth = stack.pop()
-        if isinstance(node, (dict, list)):
-            if depth > limit:
-                return False
-            children = node.values() if isinstance(node, dict) else node
-            stack.extend((child, depth + 1) for child in children)
+        if depth > limit:
+            return False
+        children = node.values() if isinstance(node, dict) else node
+        # Only containers are pushed: a batch of token ids is millions of scalars.
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
     return True
 
 
