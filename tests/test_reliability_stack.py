@@ -889,6 +889,9 @@ async def with_one_retry(client: httpx.AsyncClient, base_url: str) -> tuple[Outc
     return await one_stream(client, base_url, KILL_LOAD), 1
 
 
+RECOVERY_BOUND_S = 300
+
+
 def test_killed_engine_is_replaced_while_service_continues(guarded):
     base = guarded.base_url
     wait_ready(base, 120)
@@ -911,7 +914,9 @@ def test_killed_engine_is_replaced_while_service_continues(guarded):
                     retries += retried
 
             async def watch_ready(killed_at: float) -> float | None:
-                while time.monotonic() - killed_at < 150:
+                # Watch as long as the assertion below allows: a replacement engine that
+                # compiles on a slow CPU took more than 150 s (first seen on 2 AVX2 cores).
+                while time.monotonic() - killed_at < RECOVERY_BOUND_S:
                     try:
                         resp = await client.get(f"{base}/ready", timeout=15)
                         ready_log.append((time.monotonic() - killed_at, resp.status_code, resp.json()["status"]))
@@ -948,7 +953,7 @@ def test_killed_engine_is_replaced_while_service_continues(guarded):
     # The 120 s target is reported (docs/reliability.md); a generous bound keeps the
     # behaviour (the replica comes back) asserted without a timing race on busy machines.
     print(f"\nreplica recovered after {info['recovered_s']} s")
-    assert info["recovered_s"] is not None and info["recovered_s"] <= 300, ready_log[-3:]
+    assert info["recovered_s"] is not None and info["recovered_s"] <= RECOVERY_BOUND_S, ready_log[-3:]
     assert figures["degraded_seen"], ready_log[:5]
     assert victim_pid not in new_engines.values() and len(new_engines) == REPLICAS
     assert ok / len(outcomes) >= 0.99, statuses
