@@ -82,6 +82,9 @@ class EngineConfig(_Section):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
     # guidance gave strictly valid JSON where xgrammar did not on the CPU build.
     structured_outputs_backend: Literal["auto", "guidance", "xgrammar", "outlines"] = "guidance"
+    # vLLM's --enforce-eager: no torch.compile / CUDA graphs. Starts much sooner and
+    # decodes slower one stream at a time (measured on CPU: docs/performance-cpu.md).
+    enforce_eager: bool = False
     # Any other vLLM flag, passed through untouched (the launcher stays thin).
     extra_args: list[str] = Field(default_factory=list)
 

@@ -104,6 +104,8 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         argv += ["--max-num-seqs", str(eng.max_num_seqs)]
     if batched:
         argv += ["--max-num-batched-tokens", str(batched)]
+    if eng.enforce_eager:
+        argv += ["--enforce-eager"]
     if eng.max_num_queued_reqs:
         argv += ["--max-num-queued-reqs", str(eng.max_num_queued_reqs)]
     if eng.structured_outputs_backend != "auto":

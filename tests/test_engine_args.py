@@ -44,6 +44,13 @@ def test_yarn_override_keeps_rope_theta():
     assert flags(argv, "--max-model-len") == "131072"
 
 
+def test_enforce_eager_is_off_unless_asked():
+    assert "--enforce-eager" not in build_engine_launch(
+        load_config(CONFIGS / "local-cpu.yaml", environ={}), QWEN05, "cpu").argv
+    cfg = load_config(CONFIGS / "local-cpu.yaml", ["engine.enforce_eager=true"], environ={})
+    assert "--enforce-eager" in build_engine_launch(cfg, QWEN05, "cpu").argv
+
+
 def test_extra_args_pass_through_untouched():
     cfg = load_config(CONFIGS / "local-cpu.yaml", ["engine.extra_args=[--seed, '3']"], environ={})
     assert build_engine_launch(cfg, QWEN05, "cpu").argv[-2:] == ["--seed", "3"]
