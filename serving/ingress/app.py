@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -33,6 +32,8 @@ from .metrics import RouterMetrics, fetch_replica_metrics
 from .pool import Replica, ReplicaPool
 from .routing import RoutingPolicy, make_policy
 from .shape import estimate_tokens
+from .upstream import (READ_ERRORS, Broken, Refused, TimedOut, Upstream, UpstreamError, finish,
+                       read_all)
 from .usage import StreamUsage, total_tokens_of_body
 
 logger = logging.getLogger("qwen_serve.ingress")
@@ -64,7 +65,7 @@ class IngressState:
     metrics: RouterMetrics
     admission: Admission
     cache: ResponseCache | RedisResponseCache | None = None
-    client: httpx.AsyncClient | None = None
+    upstream: Upstream = field(default_factory=Upstream)
     draining: bool = False
     ready_cache: tuple[float, int, dict] | None = None
     ready_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -172,21 +173,20 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
         tried.add(replica.replica_id)
         replica.in_flight += 1
         state.metrics.in_flight.labels(route).inc()
-        upstream = state.client.build_request(
-            "POST", f"{replica.url}{path}", content=admitted.raw, headers=headers,
-            timeout=httpx.Timeout(state.settings.request_timeout_s, connect=2.0))
         try:
-            resp = await state.client.send(upstream, stream=True)
+            resp = await state.upstream.open("POST", f"{replica.url}{path}", body=admitted.raw,
+                                             headers=headers,
+                                             timeout_s=state.settings.request_timeout_s)
             break
         except BaseException as exc:
             replica.in_flight -= 1
             state.metrics.in_flight.labels(route).dec()
-            if isinstance(exc, httpx.ConnectError):
+            if isinstance(exc, Refused):
                 # Nothing reached the engine, so trying another replica is safe.
                 replica.mark_down()
                 logger.warning("replica %s refused the connection; trying another", replica.replica_id)
                 continue
-            if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError)) and not broken_once:
+            if isinstance(exc, Broken) and not broken_once:
                 # A stale keep-alive connection, or an engine that died before
                 # answering (vLLM sends a plain answer's headers only when done):
                 # nothing reached the client and generation has no side effects, so
@@ -197,10 +197,10 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
                 if not any(r.replica_id not in tried for r in state.pool.available()):
                     tried.discard(replica.replica_id)  # the only one: try it again
                 continue
-            if isinstance(exc, httpx.TimeoutException):
+            if isinstance(exc, TimedOut):
                 return _finish(state, route, model_label, started, error_response(
                     504, "The engine did not answer in time.", code="upstream_timeout"))
-            if isinstance(exc, httpx.HTTPError):
+            if isinstance(exc, Broken):
                 replica.mark_down()
                 logger.warning("request to %s failed (%r); answering 502", replica.replica_id, exc)
                 return _finish(state, route, model_label, started, error_response(
@@ -224,21 +224,23 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
 
     # Rate limits: the admission estimate is replaced by what the answer cost (usage.py).
     settle = None
-    if admitted.charged_to is not None and resp.status_code == 200:
+    if admitted.charged_to is not None and resp.status == 200:
         def settle(used: int) -> None:
             state.admission.settle(admitted, used)
 
     if resp.headers.get("content-type", "").startswith("text/event-stream"):
-        capture = StreamCapture(route) if key and resp.status_code == 200 else None
+        capture = StreamCapture(route) if key and resp.status == 200 else None
         meter = None
         if settle is not None:
             meter = StreamUsage(estimate_tokens(admitted.body, admitted.prompt_text, generates=False))
         return StreamingResponse(_relay(state, resp, replica, route, model_label, started, deadline,
                                         done, capture, key, meter, settle),
-                                 status_code=resp.status_code, headers=out_headers)
+                                 status_code=resp.status, headers=out_headers)
+    complete = False
     try:
-        content = await resp.aread()
-    except httpx.HTTPError as exc:
+        content = await read_all(resp)
+        complete = True
+    except Broken as exc:
         logger.warning("answer from %s broke (%r); answering 502", replica.replica_id, exc)
         done(502)
         return error_response(502, "The engine connection broke.", code="upstream_broken")
@@ -246,13 +248,13 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
         done(None)  # cancelled: the client left or the deadline passed
         raise
     finally:
-        await resp.aclose()
-    done(resp.status_code)
+        finish(resp, complete)
+    done(resp.status)
     if settle is not None and (used := total_tokens_of_body(content)) is not None:
         settle(used)
-    if key and resp.status_code == 200:
+    if key and resp.status == 200:
         await state.cache.put(key, CachedResponse(200, "application/json", content))
-    return Response(content, status_code=resp.status_code, headers=out_headers)
+    return Response(content, status_code=resp.status, headers=out_headers)
 
 
 def _from_cache(route: str, body: dict, hit: CachedResponse) -> Response:
@@ -268,19 +270,24 @@ def _from_cache(route: str, body: dict, hit: CachedResponse) -> Response:
 
 async def _relay(state, resp, replica, route, model_label, started, deadline, done, capture, key,
                  meter=None, settle=None):
-    """Pass SSE bytes through as they arrive; end cleanly on deadline or engine loss."""
+    """Pass SSE bytes through as they arrive; end cleanly on deadline or engine loss.
+
+    The per-chunk work is what the ingress costs per token, so it stays small: one
+    read of whatever bytes have arrived, optional capture and metering, one write.
+    """
     loop = asyncio.get_running_loop()
     expired = False
 
     def expire() -> None:
         nonlocal expired
         expired = True
-        loop.create_task(resp.aclose())  # wakes the read below; vLLM sees the close and aborts
+        resp.close()  # wakes the read below; vLLM sees the close and aborts
 
     timer = loop.call_at(loop.time() + max(0.0, deadline - time.monotonic()), expire)
-    first = True
+    complete = False
     try:
-        async for chunk in resp.aiter_raw():
+        first = True
+        async for chunk in resp.content.iter_any():
             if first:
                 state.metrics.ttfb.labels(route, model_label).observe(time.perf_counter() - started)
                 first = False
@@ -293,23 +300,26 @@ async def _relay(state, resp, replica, route, model_label, started, deadline, do
                     settle(meter.total_tokens())
                     meter = None
             yield chunk
+        if expired:
+            raise Broken("closed at the deadline")
+        complete = True
         if meter is not None:
             settle(meter.total_tokens())
         if capture is not None and (full := capture.completion()) is not None:
             await state.cache.put(key, CachedResponse(200, "application/json", full))
-    except (httpx.HTTPError, httpx.StreamClosed, RuntimeError) as exc:
+    except (*READ_ERRORS, Broken) as exc:
         # Deadline or engine gone mid-stream: finish the SSE with an error event
         # rather than a silently truncated stream.
         if expired:
             err = error_body(504, "The request exceeded its deadline.", code="deadline_exceeded")
         else:
-            logger.warning("stream from %s broke: %s", replica.replica_id, exc)
+            logger.warning("stream from %s broke: %r", replica.replica_id, exc)
             err = error_body(502, "The engine stopped mid-stream.", code="upstream_broken")
         yield f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n".encode()
     finally:
         timer.cancel()
-        await resp.aclose()
-        done(504 if expired else resp.status_code)
+        finish(resp, complete)
+        done(504 if expired else resp.status)
 
 
 def _finish(state: IngressState, route: str, model_label: str, started: float, resp: Response) -> Response:
@@ -327,27 +337,28 @@ async def _forward_get(state: IngressState, path: str, route: str) -> Response:
             headers={"Retry-After": "1"}))
     replica = replicas[0]
     try:
-        resp = await state.client.get(f"{replica.url}{path}", timeout=10.0)
-    except httpx.HTTPError:
+        status, headers, content = await state.upstream.fetch("GET", f"{replica.url}{path}",
+                                                              timeout_s=10.0)
+    except UpstreamError:
         replica.mark_down()
         return _finish(state, route, "other", started,
                        error_response(502, "The engine did not answer.", code="upstream_broken"))
-    out_headers = {k: v for k in _PASS_HEADERS if (v := resp.headers.get(k))}
+    out_headers = {k: v for k in _PASS_HEADERS if (v := headers.get(k))}
     return _finish(state, route, "other", started,
-                   Response(resp.content, status_code=resp.status_code, headers=out_headers))
+                   Response(content, status_code=status, headers=out_headers))
 
 
 async def _probe(state: IngressState, replica: Replica) -> tuple[bool, str]:
     """A replica is ready when it generates one token within the timeout."""
+    probe = json.dumps({"model": state.settings.model, "prompt": "ping", "max_tokens": 1})
     try:
-        resp = await state.client.post(
-            f"{replica.url}/v1/completions",
-            json={"model": state.settings.model, "prompt": "ping", "max_tokens": 1},
-            timeout=state.settings.ready_timeout_s)
-    except httpx.HTTPError as exc:
-        return False, f"{type(exc).__name__}"
-    if resp.status_code != 200:
-        return False, f"HTTP {resp.status_code}"
+        status, _, _ = await state.upstream.fetch(
+            "POST", f"{replica.url}/v1/completions", body=probe.encode(),
+            headers={"content-type": "application/json"}, timeout_s=state.settings.ready_timeout_s)
+    except UpstreamError as exc:
+        return False, type(exc).__name__
+    if status != 200:
+        return False, f"HTTP {status}"
     return True, "ok"
 
 
@@ -429,7 +440,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
     async def metrics(request: Request) -> Response:
         if settings.metrics_require_key and (denied := authorized(request, "metrics")):
             return denied
-        engine = await fetch_replica_metrics(state.client, state.pool.replicas)
+        engine = await fetch_replica_metrics(state.upstream, state.pool.replicas)
         return Response(state.metrics.render() + engine,
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -444,17 +455,14 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
         return FileResponse(page, headers={"Cache-Control": "no-cache"})
 
     async def startup() -> None:
-        state.client = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-            timeout=httpx.Timeout(settings.request_timeout_s, connect=2.0))
+        await state.upstream.start()
         pool.start()
 
     async def shutdown() -> None:
         await pool.stop()
         if state.cache is not None:
             await state.cache.aclose()
-        if state.client is not None:
-            await state.client.aclose()
+        await state.upstream.aclose()
 
     routes = [
         Route("/v1/chat/completions", proxied("/v1/chat/completions", "chat"), methods=["POST"]),

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from .pool import Replica
+from .upstream import Upstream, UpstreamError
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
                    80.0, 160.0, 320.0)
@@ -78,14 +78,14 @@ def merge_replica_metrics(texts: dict[str, str]) -> bytes:
     return generate_latest(registry)
 
 
-async def fetch_replica_metrics(client: httpx.AsyncClient, replicas: list[Replica],
+async def fetch_replica_metrics(upstream: Upstream, replicas: list[Replica],
                                 timeout_s: float = 3.0) -> bytes:
     async def one(r: Replica) -> tuple[str, str | None]:
         try:
-            resp = await client.get(f"{r.url}/metrics", timeout=timeout_s)
-            return r.replica_id, resp.text if resp.status_code == 200 else None
-        except httpx.HTTPError:
+            status, _, body = await upstream.fetch("GET", f"{r.url}/metrics", timeout_s=timeout_s)
+        except UpstreamError:
             return r.replica_id, None
+        return r.replica_id, body.decode("utf-8", "replace") if status == 200 else None
 
     results = await asyncio.gather(*(one(r) for r in replicas))
     return merge_replica_metrics({rid: text for rid, text in results if text})

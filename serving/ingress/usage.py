@@ -36,11 +36,15 @@ class StreamUsage:
         self.prompt_tokens = prompt_tokens  # the admission's estimate of the prompt
         self.max_bytes = max_bytes
         self.events = 0
-        self._tail = b""
+        self._tail = bytearray()
 
     def feed(self, chunk: bytes) -> None:
         self.events += chunk.count(b"data: {")
-        self._tail = (self._tail + chunk)[-self.max_bytes:]
+        self._tail += chunk
+        # Trimmed in batches: copying the whole tail on every chunk cost more than
+        # the relay's own work per event.
+        if len(self._tail) > 2 * self.max_bytes:
+            del self._tail[:-self.max_bytes]
 
     def total_tokens(self) -> int:
         """The engine's count when the stream reported one, else prompt estimate + events."""
@@ -49,7 +53,7 @@ class StreamUsage:
 
     def reported_tokens(self) -> int | None:
         """The last event's ``usage.total_tokens`` (cumulative, if every event has one)."""
-        for line in reversed(self._tail.splitlines()):
+        for line in reversed(bytes(self._tail[-self.max_bytes:]).splitlines()):
             if line.startswith(b"data: {") and b'"usage"' in line:
                 if (total := total_tokens_of_body(line[len(b"data: "):])) is not None:
                     return total
