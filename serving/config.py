@@ -85,6 +85,9 @@ class EngineConfig(_Section):
     # vLLM's --enforce-eager: no torch.compile / CUDA graphs. Starts much sooner and
     # decodes slower one stream at a time (measured on CPU: docs/performance-cpu.md).
     enforce_eager: bool = False
+    # vLLM's --stream-interval: tokens per streamed event (the first token always goes
+    # alone). Fewer events for the ingress to relay; a reader sees tokens in groups.
+    stream_interval: int = Field(default=1, ge=1)
     # Any other vLLM flag, passed through untouched (the launcher stays thin).
     extra_args: list[str] = Field(default_factory=list)
 

@@ -106,6 +106,8 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         argv += ["--max-num-batched-tokens", str(batched)]
     if eng.enforce_eager:
         argv += ["--enforce-eager"]
+    if eng.stream_interval > 1:
+        argv += ["--stream-interval", str(eng.stream_interval)]
     if eng.max_num_queued_reqs:
         argv += ["--max-num-queued-reqs", str(eng.max_num_queued_reqs)]
     if eng.structured_outputs_backend != "auto":

@@ -128,6 +128,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             api_keys=keys,
             metrics_require_key=cfg.server.metrics_require_key,
             model_revision=cfg.model_revision,
+            tokens_per_event=cfg.engine.stream_interval,
         )
         app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress

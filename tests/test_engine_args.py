@@ -51,6 +51,13 @@ def test_enforce_eager_is_off_unless_asked():
     assert "--enforce-eager" in build_engine_launch(cfg, QWEN05, "cpu").argv
 
 
+def test_stream_interval_is_passed_only_when_it_groups_tokens():
+    plain = build_engine_launch(load_config(CONFIGS / "local-cpu.yaml", environ={}), QWEN05, "cpu")
+    assert "--stream-interval" not in plain.argv
+    cfg = load_config(CONFIGS / "local-cpu.yaml", ["engine.stream_interval=4"], environ={})
+    assert flags(build_engine_launch(cfg, QWEN05, "cpu").argv, "--stream-interval") == "4"
+
+
 def test_extra_args_pass_through_untouched():
     cfg = load_config(CONFIGS / "local-cpu.yaml", ["engine.extra_args=[--seed, '3']"], environ={})
     assert build_engine_launch(cfg, QWEN05, "cpu").argv[-2:] == ["--seed", "3"]

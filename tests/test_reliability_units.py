@@ -404,6 +404,19 @@ def test_a_stream_without_usage_is_counted_by_its_events():
     assert meter.total_tokens() == 12 + 42  # the estimate errs by the 2 events without a token
 
 
+def test_a_stream_of_grouped_tokens_is_never_charged_less_than_it_made():
+    # engine.stream_interval 4: the first token alone, then up to 4 per event.
+    made = 40
+    groups = [1] + [4] * ((made - 1) // 4) + ([(made - 1) % 4] if (made - 1) % 4 else [])
+    chat = [b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n']
+    chat += [b'data: {"choices": [{"delta": {"content": "%s"}}]}\n\n' % (b"x" * n) for n in groups]
+    chat += [b'data: {"choices": [{"delta": {}, "finish_reason": "length"}]}\n\n', b"data: [DONE]\n\n"]
+    meter = StreamUsage(prompt_tokens=12, tokens_per_event=4)
+    for event in chat:
+        meter.feed(event)
+    assert 12 + made <= meter.total_tokens() <= 12 + made + 4 * 3
+
+
 def test_stream_meter_keeps_only_the_last_bytes():
     meter = StreamUsage(prompt_tokens=0, max_bytes=64)
     meter.feed(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')

@@ -55,6 +55,8 @@ class IngressSettings:
     api_keys: ApiKeys | None = None
     metrics_require_key: bool = False
     model_revision: str = ""
+    # The engine's stream interval: the most tokens one streamed event carries.
+    tokens_per_event: int = 1
 
 
 @dataclass
@@ -232,7 +234,8 @@ async def _forward(request: Request, state: IngressState, admitted, path: str, r
         capture = StreamCapture(route) if key and resp.status == 200 else None
         meter = None
         if settle is not None:
-            meter = StreamUsage(estimate_tokens(admitted.body, admitted.prompt_text, generates=False))
+            meter = StreamUsage(estimate_tokens(admitted.body, admitted.prompt_text, generates=False),
+                                tokens_per_event=state.settings.tokens_per_event)
         return StreamingResponse(_relay(state, resp, replica, route, model_label, started, deadline,
                                         done, capture, key, meter, settle),
                                  status_code=resp.status, headers=out_headers)

@@ -32,8 +32,12 @@ def total_tokens_of_body(body: bytes) -> int | None:
 class StreamUsage:
     """Meters a relayed SSE stream: keeps its last bytes and counts its events."""
 
-    def __init__(self, prompt_tokens: int, max_bytes: int = _TAIL_BYTES) -> None:
+    def __init__(self, prompt_tokens: int, max_bytes: int = _TAIL_BYTES,
+                 tokens_per_event: int = 1) -> None:
         self.prompt_tokens = prompt_tokens  # the admission's estimate of the prompt
+        # With vLLM's --stream-interval N an event carries up to N tokens: counting N
+        # per event errs high by less than N tokens per stream, never low.
+        self.tokens_per_event = tokens_per_event
         self.max_bytes = max_bytes
         self.events = 0
         self._tail = bytearray()
@@ -49,7 +53,9 @@ class StreamUsage:
     def total_tokens(self) -> int:
         """The engine's count when the stream reported one, else prompt estimate + events."""
         reported = self.reported_tokens()
-        return reported if reported is not None else self.prompt_tokens + self.events
+        if reported is not None:
+            return reported
+        return self.prompt_tokens + self.events * self.tokens_per_event
 
     def reported_tokens(self) -> int | None:
         """The last event's ``usage.total_tokens`` (cumulative, if every event has one)."""
