@@ -8,6 +8,7 @@ tested on the bucket with an explicit clock.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -417,11 +418,26 @@ def test_a_stream_of_grouped_tokens_is_never_charged_less_than_it_made():
     assert 12 + made <= meter.total_tokens() <= 12 + made + 4 * 3
 
 
-def test_stream_meter_keeps_only_the_last_bytes():
-    meter = StreamUsage(prompt_tokens=0, max_bytes=64)
+def test_stream_meter_reads_the_last_usage_event_and_settles_once_at_done():
+    settled = []
+    meter = StreamUsage(prompt_tokens=0, on_done=settled.append)
     meter.feed(b'data: {"choices": [], "usage": {"total_tokens": 9}}\n\n')
-    meter.feed(b"data: " + b"x" * 100 + b"\n\n")  # pushes the usage event out
-    assert meter.reported_tokens() is None and len(meter._tail) == 64
+    meter.feed(b'data: {"choices": [{"text": "x"}], "usage": null}\n\n')  # not a count
+    meter.feed(b'data: {"choices": [], "usage": {"total_tokens": 11}}\n\ndata: [DO')
+    assert settled == []  # [DONE] not complete yet
+    meter.feed(b"NE]\n\n")
+    assert settled == [11]
+    asyncio.run(meter.close(True))
+    assert settled == [11]  # once
+
+
+def test_a_broken_stream_is_settled_to_what_it_streamed():
+    settled = []
+    meter = StreamUsage(prompt_tokens=5, on_done=settled.append)
+    for _ in range(7):
+        meter.feed(b'data: {"choices": [{"text": "x"}]}\n\n')
+    asyncio.run(meter.close(False))
+    assert settled == [5 + 7]
 
 
 # --- shape bounds and pricing (ingress/shape.py) ---------------------------------

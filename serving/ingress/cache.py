@@ -35,7 +35,9 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
+
+from .sse import decode_all
 
 logger = logging.getLogger("qwen_serve.ingress.cache")
 
@@ -371,17 +373,9 @@ def sse_from_completion(route: str, body: bytes, include_usage: bool) -> bytes:
 def _sse_data(sse: bytes) -> list[str] | None:
     """The ``data:`` payloads of an SSE byte stream, one per event."""
     try:
-        text = sse.decode()
+        return [data.decode() for data in decode_all(sse)]
     except UnicodeDecodeError:
         return None
-    payloads = []
-    for block in text.replace("\r\n", "\n").split("\n\n"):
-        lines = [line[5:].lstrip(" ") if line.startswith("data:") else None
-                 for line in block.split("\n") if line and not line.startswith(":")]
-        lines = [line for line in lines if line is not None]
-        if lines:
-            payloads.append("\n".join(lines))
-    return payloads
 
 
 def completion_from_sse(route: str, sse: bytes, *, require_usage: bool = True) -> bytes | None:
@@ -490,10 +484,12 @@ class StreamCapture:
     ``max_bytes``. :meth:`completion` assembles the answer at the end.
     """
 
-    def __init__(self, route: str, max_bytes: int = 1 << 20) -> None:
+    def __init__(self, route: str, max_bytes: int = 1 << 20,
+                 store: Callable[[bytes], Awaitable[None]] | None = None) -> None:
         _check_route(route)
         self.route = route
         self.max_bytes = max_bytes
+        self._store = store  # called with the assembled answer of a complete stream
         self._parts: list[bytes] | None = []
         self._size = 0
 
@@ -510,3 +506,7 @@ class StreamCapture:
         if self._parts is None:
             return None
         return completion_from_sse(self.route, b"".join(self._parts))
+
+    async def close(self, complete: bool) -> None:
+        if complete and self._store is not None and (full := self.completion()) is not None:
+            await self._store(full)

@@ -2,17 +2,19 @@
 
 The rate limiter charges an estimate at admission and settles it to these counts
 (limits.py). A plain answer carries ``usage`` in its body; a stream carries it in
-its last event only when the client asked for ``stream_options.include_usage``, so
-a stream is read from a short tail kept while relaying — no JSON parsing on the
-per-token path — and, without that event, its events are counted instead (vLLM
-sends one per generated token and choice, plus the role and finish events).
+its last event only when the client asked for ``stream_options.include_usage``: the
+meter decodes the relayed events (sse.py) and parses only the last one that has a
+usage field, at the end — no JSON parsing on the per-token path. Without that
+event, the events are counted instead (vLLM sends one per generated token and
+choice, plus the role and finish events).
 """
 
 from __future__ import annotations
 
 import json
+from typing import Callable
 
-_TAIL_BYTES = 16 * 1024  # far more than the last events of a stream take
+from .sse import DONE, SSEDecoder
 
 
 def total_tokens(answer: object) -> int | None:
@@ -30,25 +32,41 @@ def total_tokens_of_body(body: bytes) -> int | None:
 
 
 class StreamUsage:
-    """Meters a relayed SSE stream: keeps its last bytes and counts its events."""
+    """Meters a relayed SSE stream: counts its events, keeps its last usage event.
 
-    def __init__(self, prompt_tokens: int, max_bytes: int = _TAIL_BYTES,
+    ``on_done`` is called with the total once, when ``[DONE]`` arrives (before the
+    relay forwards it: the client's next request may follow at once) or at
+    ``close`` for a stream that ended without it.
+    """
+
+    def __init__(self, prompt_tokens: int, on_done: Callable[[int], None] | None = None, *,
                  tokens_per_event: int = 1) -> None:
         self.prompt_tokens = prompt_tokens  # the admission's estimate of the prompt
         # With vLLM's --stream-interval N an event carries up to N tokens: counting N
         # per event errs high by less than N tokens per stream, never low.
         self.tokens_per_event = tokens_per_event
-        self.max_bytes = max_bytes
         self.events = 0
-        self._tail = bytearray()
+        self._on_done = on_done
+        self._decoder = SSEDecoder()
+        self._usage: bytes | None = None  # parsed only once, at the end
 
     def feed(self, chunk: bytes) -> None:
-        self.events += chunk.count(b"data: {")
-        self._tail += chunk
-        # Trimmed in batches: copying the whole tail on every chunk cost more than
-        # the relay's own work per event.
-        if len(self._tail) > 2 * self.max_bytes:
-            del self._tail[:-self.max_bytes]
+        for data in self._decoder.feed(chunk):
+            if data.startswith(b"{"):
+                self.events += 1
+                if b'"usage"' in data and b'"usage":null' not in data \
+                        and b'"usage": null' not in data:
+                    self._usage = data
+            elif data == DONE:
+                self._settle()
+
+    async def close(self, complete: bool) -> None:
+        self._settle()
+
+    def _settle(self) -> None:
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done(self.total_tokens())
 
     def total_tokens(self) -> int:
         """The engine's count when the stream reported one, else prompt estimate + events."""
@@ -58,9 +76,5 @@ class StreamUsage:
         return self.prompt_tokens + self.events * self.tokens_per_event
 
     def reported_tokens(self) -> int | None:
-        """The last event's ``usage.total_tokens`` (cumulative, if every event has one)."""
-        for line in reversed(bytes(self._tail[-self.max_bytes:]).splitlines()):
-            if line.startswith(b"data: {") and b'"usage"' in line:
-                if (total := total_tokens_of_body(line[len(b"data: "):])) is not None:
-                    return total
-        return None
+        """The last usage event's ``usage.total_tokens`` (cumulative, if every event has one)."""
+        return total_tokens_of_body(self._usage) if self._usage is not None else None

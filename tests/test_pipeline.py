@@ -1,0 +1,167 @@
+"""The request pipeline (serving/ingress/pipeline.py) against engines that misbehave on cue.
+
+The engine here is a stand-in (aiohttp.web), because the faults are ones a real vLLM
+cannot be made to commit at a chosen moment: dying after exactly one event, never
+finishing, sending faster than a client reads. What is checked is what users and
+operators see: the answer, the status the metrics record, and that every replica's
+in-flight slot comes back (a lost slot is capacity lost until restart). The real
+engine's versions of these live in test_reliability_stack.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+
+import httpx
+import pytest
+import uvicorn
+from aiohttp import web
+
+from serving.config import LimitsConfig
+from serving.ingress.app import IngressSettings, build_app
+from serving.ingress.pool import ReplicaPool
+from serving.ports import bind_reusable
+
+EVENT = b'data: {"object":"text_completion","choices":[{"index":0,"text":"t"}]}\n\n'
+
+
+async def engine_completions(request: web.Request) -> web.StreamResponse:
+    body = await request.json()
+    act = body.get("prompt")
+    if not body.get("stream"):
+        await asyncio.sleep(float(body.get("sleep", 0)))
+        return web.json_response({"object": "text_completion", "choices": [{"text": "x"}],
+                                  "usage": {"total_tokens": 3}})
+    resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await resp.prepare(request)
+    if act == "die":
+        await resp.write(EVENT)
+        await asyncio.sleep(0.05)
+        request.transport.close()  # an engine process dying mid-stream
+        return resp
+    if act == "flood":  # much faster than a client that stopped reading takes it
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(b"data: " + b"x" * 65536 + b"\n\n")
+    count = int(body.get("max_tokens", 3))
+    for _ in range(count):
+        await resp.write(EVENT)
+        await asyncio.sleep(float(body.get("sleep", 0.005)))
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
+
+
+class FixedRegistry:
+    def __init__(self, entries: list[dict]) -> None:
+        entries_ = entries
+
+        class Snapshot:
+            async def remote(self, max_age_s: float) -> list[dict]:
+                return entries_
+
+        self.snapshot = Snapshot()
+
+
+@contextlib.asynccontextmanager
+async def ingress(replicas: list[str], **settings):
+    """The real ingress app in front of ``replicas`` (engine URLs), on a free port."""
+    app = build_app(IngressSettings(model="m", expected_replicas=len(replicas), **settings),
+                    ReplicaPool(FixedRegistry([{"replica_id": f"r{i}", "url": u, "pid": 0}
+                                               for i, u in enumerate(replicas)])))
+    sock = bind_reusable("127.0.0.1")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    state = app.state.ingress
+    try:
+        while not server.started or len(state.pool.replicas) < len(replicas):
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", state
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.fixture
+async def engine():
+    app = web.Application()
+    app.router.add_post("/v1/completions", engine_completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    await runner.cleanup()
+
+
+def statuses(state) -> dict[str, float]:
+    text = state.metrics.render().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("qwen_serve_requests_total{"):
+            labels, value = line.rsplit(" ", 1)
+            status = labels.split('status="')[1].split('"')[0]
+            out[status] = out.get(status, 0) + float(value)
+    return out
+
+
+def in_flight(state) -> int:
+    return sum(r.in_flight for r in state.pool.replicas)
+
+
+async def test_answers_and_their_statuses(engine):
+    async with ingress([engine], request_timeout_s=1.0) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            ok = await c.post("/v1/completions", json={"prompt": "a", "stream": True, "max_tokens": 4})
+            assert ok.text.count("data: {") == 4 and ok.text.endswith("data: [DONE]\n\n")
+            plain = await c.post("/v1/completions", json={"prompt": "a"})
+            assert plain.json()["usage"] == {"total_tokens": 3}
+            died = await c.post("/v1/completions", json={"prompt": "die", "stream": True})
+            last = [e for e in died.text.split("\n\n") if e.startswith("data: {")][-1]
+            assert json.loads(last[6:])["error"]["code"] == "upstream_broken"
+            late = await c.post("/v1/completions", json={"prompt": "a", "stream": True,
+                                                         "max_tokens": 1000, "sleep": 0.01})
+            last = [e for e in late.text.split("\n\n") if e.startswith("data: {")][-1]
+            assert json.loads(last[6:])["error"]["code"] == "deadline_exceeded"
+            slow = await c.post("/v1/completions", json={"prompt": "a", "sleep": 5})
+            assert slow.status_code == 504
+        # A stream's headers said 200; what the operator sees is how it ended.
+        assert statuses(state) == {"200": 2, "502": 1, "504": 2}
+        assert in_flight(state) == 0
+
+
+async def test_a_refused_replica_is_skipped_and_the_request_served(engine):
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    async with ingress([dead, engine], policy="round_robin") as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            for _ in range(4):
+                assert (await c.post("/v1/completions", json={"prompt": "a"})).status_code == 200
+        assert statuses(state) == {"200": 4} and in_flight(state) == 0
+
+
+async def test_a_client_that_stops_reading_gives_its_slot_back_at_the_deadline(engine):
+    limits = LimitsConfig(max_in_flight_per_replica=1)
+    async with ingress([engine], request_timeout_s=1.0, limits=limits) as (base, state):
+        host, port = base.removeprefix("http://").split(":")
+        body = json.dumps({"prompt": "flood", "stream": True}).encode()
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")  # headers, then it reads nothing more
+        try:
+            await asyncio.sleep(0.3)
+            assert in_flight(state) == 1
+            async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+                busy = await c.post("/v1/completions", json={"prompt": "a"})
+                assert busy.status_code == 429
+                await asyncio.sleep(1.0)  # past the 1 s deadline
+                assert in_flight(state) == 0
+                assert (await c.post("/v1/completions", json={"prompt": "a"})).status_code == 200
+        finally:
+            writer.close()
