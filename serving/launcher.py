@@ -96,12 +96,12 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     from .engine.builder import APP_NAME, build_engine_app
     from .engine.registry import create_registry
     from .ingress.app import IngressSettings, build_app
-    from .ingress.auth import ApiKeyError, ApiKeys
+    from .ingress.auth import ApiKeyError, KeysFile
     from .ingress.pool import ReplicaPool
 
     launch = build_engine_launch(cfg, facts, plan.device)
     try:  # a bad keys file must fail before anything starts
-        keys = ApiKeys.load(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
+        keys = KeysFile(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
     except ApiKeyError as exc:
         raise ServeError(str(exc)) from None
     # Bound before Ray starts, as vLLM's own server does: a taken port fails in a
@@ -153,6 +153,12 @@ async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int
         loop.call_soon_threadsafe(lambda: loop.create_task(_drain(state, server, srv.drain_timeout_s)))
 
     server = _DrainingServer(config, drain)
+    from .ingress.auth import KeysFile
+
+    keys = state.settings.api_keys
+    if isinstance(keys, KeysFile):
+        # The usual "re-read your config" signal; the file is also polled (app.py).
+        loop.add_signal_handler(signal.SIGHUP, keys.reload)
     deploy_error: list[BaseException] = []
 
     def deploy() -> None:

@@ -26,8 +26,8 @@ import psutil
 import pytest
 
 from conftest import Stack, start_stack, stop_stack
-from test_reliability_stack import (KEY_PLAIN, REPLICAS, Outcome, guarded_args, is_openai_error, ms,
-                                    record, wait_until_idle, write_keys)
+from test_reliability_stack import (KEY_PLAIN, REPLICAS, Outcome, engine_pids, guarded_args,
+                                    is_openai_error, ms, record, wait_until_idle, write_keys)
 
 pytestmark = pytest.mark.stack
 
@@ -229,10 +229,9 @@ def test_each_engine_keeps_to_its_own_core(bounded):
     """Two CPU replicas never share a core, whole process trees included (engine_args)."""
     if len(os.sched_getaffinity(0)) < REPLICAS:
         pytest.skip("fewer cores than replicas")
-    replicas = httpx.get(f"{bounded.base_url}/ready", timeout=30).json()["replicas"]
     trees = []
-    for r in replicas:
-        engine = psutil.Process(r["pid"])
+    for pid in engine_pids(bounded).values():
+        engine = psutil.Process(pid)
         cores = {frozenset(p.cpu_affinity()) for p in [engine, *engine.children(recursive=True)]}
         assert len(cores) == 1 and len(next(iter(cores))) == 1, cores
         trees.append(next(iter(cores)))

@@ -755,6 +755,54 @@ def test_a_request_broken_by_a_dying_engine_is_answered_by_another(guarded):
     assert statuses == [200] * 30, statuses
 
 
+def test_a_key_revoked_in_the_file_is_refused_within_5_s_without_dropping_requests(
+        guarded, tmp_path):
+    from serving.ingress.auth import KeysFile
+
+    keys_path = write_keys(tmp_path)
+    with second_ingress(guarded, api_keys=KeysFile(keys_path)) as (base, _):
+        body = {"model": guarded.model, "prompt": "Count:", "max_tokens": 4, "stream": True}
+        kept = {"Authorization": f"Bearer {KEY_PLAIN}"}
+        revoked = {"Authorization": f"Bearer {KEY_HASHED}"}
+        assert httpx.post(f"{base}/v1/completions", json=body, headers=revoked,
+                          timeout=60).status_code == 200
+        kept_statuses: list[int] = []
+        stop = threading.Event()
+
+        def keep_asking() -> None:  # the other key, streaming all through the change
+            with httpx.Client(timeout=60) as c:
+                while not stop.is_set():
+                    with c.stream("POST", f"{base}/v1/completions", json=body, headers=kept) as r:
+                        text = r.read().decode()
+                    kept_statuses.append(r.status_code if text.endswith("data: [DONE]\n\n") else -1)
+
+        worker = threading.Thread(target=keep_asking)
+        worker.start()
+        try:
+            time.sleep(0.5)
+            # An editor's save: a new file moved into place (a Secret update swaps a symlink).
+            fresh = tmp_path / "api-keys.new"
+            fresh.write_text(f"# KEY_HASHED revoked\n{KEY_PLAIN}\n")
+            os.replace(fresh, keys_path)
+            revoked_at = time.monotonic()
+            while True:
+                code = httpx.post(f"{base}/v1/completions", json=body, headers=revoked,
+                                  timeout=60).status_code
+                if code == 401:
+                    break
+                assert code == 200 and time.monotonic() - revoked_at < 5, code
+                time.sleep(0.1)
+            refused_after = time.monotonic() - revoked_at
+            time.sleep(1.0)
+        finally:
+            stop.set()
+            worker.join(60)
+        record("key_revocation", {"refused_after_s": round(refused_after, 2),
+                                  "other_key_requests": len(kept_statuses)})
+        assert refused_after < 5
+        assert kept_statuses and all(c == 200 for c in kept_statuses), kept_statuses
+
+
 # --- tokens/min: a key pays what the engine used ------------------------------------------
 
 METERED_TPM = 1000

@@ -46,7 +46,7 @@ def keys(tmp_path) -> ApiKeys:
 # --- API keys ---------------------------------------------------------------
 
 def test_plain_and_hashed_keys_both_work_and_yield_short_ids(keys):
-    assert keys.check(PLAIN) == key_id(PLAIN) == hashlib.sha256(PLAIN.encode()).hexdigest()[:8]
+    assert keys.check(PLAIN) == key_id(PLAIN) == hashlib.sha256(PLAIN.encode()).hexdigest()
     assert keys.check(HASHED) == key_id(HASHED)
     assert len(keys.digests) == 2  # the comment and the blank line are not keys
 
@@ -74,6 +74,24 @@ def test_bad_key_files_fail_with_the_line(tmp_path, text, match):
 def test_missing_key_file_is_a_clear_error(tmp_path):
     with pytest.raises(ApiKeyError, match="cannot read API keys file"):
         ApiKeys.load(tmp_path / "absent.txt")
+
+
+def test_keys_file_reloads_when_it_changes_and_keeps_the_old_keys_if_broken(tmp_path):
+    import os
+
+    from serving.ingress.auth import KeysFile
+
+    path = keys_file(tmp_path, f"{PLAIN}\n{HASHED}\n")
+    keys = KeysFile(path)
+    assert keys.check(HASHED) and not keys.reload_if_changed()  # unchanged: nothing to do
+    fresh = tmp_path / "new"
+    fresh.write_text(f"{PLAIN}\n")
+    os.replace(fresh, path)
+    assert keys.reload_if_changed()
+    assert keys.check(HASHED) is None and keys.check(PLAIN) == key_id(PLAIN)
+    path.write_text("sha256:not-hex\n")  # a half-edited file
+    assert not keys.reload()
+    assert keys.check(PLAIN) == key_id(PLAIN)
 
 
 @pytest.mark.parametrize("header, token", [

@@ -16,7 +16,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from ..config import LimitsConfig
-from .auth import ApiKeys, bearer_token
+from .auth import ApiKeys, KeysFile, bearer_token
 from .errors import error_response
 from .limits import KeyLimiter
 from .shape import ShapeError, check, estimate_tokens
@@ -42,7 +42,7 @@ class Rejected(Exception):
 
 
 class Admission:
-    def __init__(self, limits: LimitsConfig, keys: ApiKeys | None) -> None:
+    def __init__(self, limits: LimitsConfig, keys: ApiKeys | KeysFile | None) -> None:
         self.limits = limits
         self.keys = keys
         self.limiter = KeyLimiter(limits.requests_per_minute, limits.tokens_per_minute)

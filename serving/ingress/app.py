@@ -23,9 +23,10 @@ from starlette.staticfiles import StaticFiles
 
 from ..config import ResponseCacheConfig
 from .admission import Admission, Rejected
+from .auth import KeysFile
 from .cache import RedisResponseCache, ResponseCache
 from .errors import error_response
-from .metrics import RouterMetrics, fetch_replica_metrics
+from .metrics import EngineMetrics, RouterMetrics
 from .pipeline import PASS_HEADERS, finish, handle
 from .pool import Replica, ReplicaPool
 from .routing import make_policy
@@ -37,6 +38,8 @@ __all__ = ["IngressSettings", "IngressState", "build_app"]
 logger = logging.getLogger("qwen_serve.ingress")
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 OPENAPI_FILE = Path(__file__).resolve().parent / "openapi.json"
+# How often the keys file is checked for changes (a revoked key stops working within it).
+KEYS_POLL_S = 1.0
 async def _forward_get(state: IngressState, path: str, route: str) -> Response:
     started = time.perf_counter()
     replicas = state.pool.available()
@@ -83,8 +86,9 @@ async def _readiness(state: IngressState) -> tuple[int, dict]:
         for r, (ok, why) in zip(replicas, results):
             ready += ok
             state.metrics.replica_up.labels(r.replica_id).set(1 if ok else 0)
+            # No pids: /ready needs no key, and process ids are the host's business.
             detail.append({"replica": r.replica_id, "ready": ok, "detail": why,
-                           "in_flight": r.in_flight, "pid": r.pid})
+                           "in_flight": r.in_flight})
         expected = state.settings.expected_replicas
         state.metrics.replicas.labels("ready").set(ready)
         state.metrics.replicas.labels("unready").set(max(len(replicas), expected) - ready)
@@ -149,7 +153,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
     async def metrics(request: Request) -> Response:
         if settings.metrics_require_key and (denied := authorized(request, "metrics")):
             return denied
-        engine = await fetch_replica_metrics(state.upstream, state.pool.replicas)
+        engine = await engine_metrics.text(state.pool.replicas)
         return Response(state.metrics.render() + engine,
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -163,11 +167,23 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
             return error_response(404, "The web UI is not enabled.", code="not_found")
         return FileResponse(page, headers={"Cache-Control": "no-cache"})
 
+    engine_metrics = EngineMetrics(state.upstream)
+    keys_watch: list[asyncio.Task] = []
+
+    async def watch_keys(keys: KeysFile) -> None:
+        while True:
+            await asyncio.sleep(KEYS_POLL_S)
+            keys.reload_if_changed()
+
     async def startup() -> None:
         await state.upstream.start()
         pool.start()
+        if isinstance(settings.api_keys, KeysFile):
+            keys_watch.append(asyncio.get_running_loop().create_task(watch_keys(settings.api_keys)))
 
     async def shutdown() -> None:
+        for task in keys_watch:
+            task.cancel()
         await pool.stop()
         if state.cache is not None:
             await state.cache.aclose()

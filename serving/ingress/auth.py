@@ -3,16 +3,25 @@
 Keys come from a file (or a mounted Secret): one per line, blank lines and
 ``#`` comments ignored. A line may hold the key itself or ``sha256:<hex>`` of it,
 so the file need not contain usable secrets. Presented keys are hashed and
-compared with ``hmac.compare_digest`` against every stored hash (no early exit),
-and only a short id — the first 8 hex digits of the hash — ever reaches logs.
+compared with ``hmac.compare_digest`` against every stored hash (no early exit).
+A key is known by its whole digest wherever it separates callers (rate-limit
+buckets, response-cache scope): a shortened one would let two keys whose digests
+share a prefix share limits and cached answers. Only logs show the short form.
+
+``KeysFile`` re-reads the file when it changes (and on SIGHUP), so revoking a key
+needs no restart; a file that no longer parses leaves the previous keys in force.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger("qwen_serve.auth")
 
 
 def key_digest(key: str) -> str:
@@ -20,8 +29,13 @@ def key_digest(key: str) -> str:
 
 
 def key_id(key: str) -> str:
-    """The short, non-secret id of a key (safe for logs and labels)."""
-    return key_digest(key)[:8]
+    """The id of a key: its whole SHA-256 digest (not secret, safe for logs)."""
+    return key_digest(key)
+
+
+def short_id(kid: str) -> str:
+    """A key id shortened for log lines (never for telling keys apart)."""
+    return kid[:8]
 
 
 class ApiKeyError(ValueError):
@@ -59,14 +73,56 @@ class ApiKeys:
         return cls(tuple(digests))
 
     def check(self, presented: str | None) -> str | None:
-        """The key's short id if it is valid, else None. Constant time in the key."""
+        """The key's id if it is valid, else None. Constant time in the key."""
         if not presented:
             return None
         digest = key_digest(presented)
         match = False
         for stored in self.digests:
             match |= hmac.compare_digest(stored, digest)
-        return digest[:8] if match else None
+        return digest if match else None
+
+
+class KeysFile:
+    """API keys from a file, re-read when the file changes.
+
+    ``reload_if_changed`` is cheap (one ``stat``) and polled by the ingress every
+    second; a Kubernetes Secret update swaps a symlink, which changes the inode.
+    Requests in flight are not touched: a key is checked once, at admission.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._stamp = self._stat()
+        self._keys = ApiKeys.load(self.path)  # raises ApiKeyError: a bad file fails the start
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_ino, st.st_mtime_ns, st.st_size
+
+    def check(self, presented: str | None) -> str | None:
+        return self._keys.check(presented)
+
+    def reload(self) -> bool:
+        """Re-read the file now; True if the new keys are in force."""
+        self._stamp = self._stat()
+        try:
+            keys = ApiKeys.load(self.path)
+        except ApiKeyError as exc:
+            logger.error("API keys not reloaded, the previous %d stay in force: %s",
+                         len(self._keys.digests), exc)
+            return False
+        if keys != self._keys:
+            logger.warning("API keys reloaded from %s: %d keys (were %d)", self.path,
+                           len(keys.digests), len(self._keys.digests))
+        self._keys = keys
+        return True
+
+    def reload_if_changed(self) -> bool:
+        return self._stat() != self._stamp and self.reload()
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -10,6 +10,7 @@ TYPE/HELP block per family.
 from __future__ import annotations
 
 import asyncio
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -78,8 +79,8 @@ def merge_replica_metrics(texts: dict[str, str]) -> bytes:
     return generate_latest(registry)
 
 
-async def fetch_replica_metrics(upstream: Upstream, replicas: list[Replica],
-                                timeout_s: float = 3.0) -> bytes:
+async def fetch_replica_texts(upstream: Upstream, replicas: list[Replica],
+                              timeout_s: float = 3.0) -> dict[str, str]:
     async def one(r: Replica) -> tuple[str, str | None]:
         try:
             status, _, body = await upstream.fetch("GET", f"{r.url}/metrics", timeout_s=timeout_s)
@@ -88,4 +89,29 @@ async def fetch_replica_metrics(upstream: Upstream, replicas: list[Replica],
         return r.replica_id, body.decode("utf-8", "replace") if status == 200 else None
 
     results = await asyncio.gather(*(one(r) for r in replicas))
-    return merge_replica_metrics({rid: text for rid, text in results if text})
+    return {rid: text for rid, text in results if text}
+
+
+class EngineMetrics:
+    """Every replica's vLLM series, fetched and merged at most once per ``max_age_s``.
+
+    Why: a scrape re-parses a few hundred lines per replica, milliseconds of CPU;
+    done on the event loop for every scrape (several Prometheus servers, a
+    dashboard's refresh, anyone hitting /metrics in a loop) it stole the relay's
+    time. Concurrent scrapes share one fetch, and the parsing runs in a thread.
+    """
+
+    def __init__(self, upstream: Upstream, max_age_s: float = 1.0) -> None:
+        self.upstream = upstream
+        self.max_age_s = max_age_s
+        self._lock = asyncio.Lock()
+        self._at = float("-inf")
+        self._text = b""
+
+    async def text(self, replicas: list[Replica]) -> bytes:
+        async with self._lock:
+            if time.monotonic() - self._at >= self.max_age_s:
+                texts = await fetch_replica_texts(self.upstream, replicas)
+                self._text = await asyncio.to_thread(merge_replica_metrics, texts)
+                self._at = time.monotonic()
+            return self._text

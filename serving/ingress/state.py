@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from ..config import LimitsConfig
 from .admission import Admission
-from .auth import ApiKeys
+from .auth import ApiKeys, KeysFile
 from .cache import RedisResponseCache, ResponseCache
 from .metrics import RouterMetrics
 from .pool import ReplicaPool
@@ -28,7 +28,7 @@ class IngressSettings:
     ready_timeout_s: float = 10.0
     web_ui: bool = True
     limits: LimitsConfig = field(default_factory=LimitsConfig)
-    api_keys: ApiKeys | None = None
+    api_keys: ApiKeys | KeysFile | None = None
     metrics_require_key: bool = False
     model_revision: str = ""
     # The engine's stream interval: the most tokens one streamed event carries.
