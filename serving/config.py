@@ -14,6 +14,7 @@ their values are parsed as YAML scalars so ``8001`` is an int and ``true`` a boo
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -24,6 +25,7 @@ from .embedded_model import EMBEDDED_SOURCE
 from .quantization import METHODS, check_name
 
 ENV_PREFIX = "QWEN_SERVE__"
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 Device = Literal["auto", "cuda", "cpu"]
 RoutingPolicy = Literal["round_robin", "power_of_two", "prefix_affinity"]
@@ -35,6 +37,18 @@ class ConfigError(Exception):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AdapterConfig(_Section):
+    """A LoRA adapter served next to the base model, under its own model name."""
+
+    # A local folder (adapter_config.json + weights), a hub id, or
+    # "embedded:smollm2-demo-note" (the demo adapter `qwen-serve model prepare` trains).
+    source: str
+    # If set, the adapter must say it was trained on this base revision
+    # (adapter_config.json "revision"): an adapter on the wrong base still loads, and
+    # answers badly.
+    base_revision: str | None = None
 
 
 class YarnConfig(_Section):
@@ -60,6 +74,16 @@ class ModelConfig(_Section):
     # Qwen documents YaRN only for 7B+; a profile that enables it anyway must
     # say it knows (the launcher still prints the warning).
     yarn_acknowledge_unsupported: bool = False
+    # LoRA adapters: request model name → adapter (serving/lora.py).
+    adapters: dict[str, AdapterConfig] = Field(default_factory=dict)
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, AdapterConfig]) -> dict[str, AdapterConfig]:
+        for name in value:
+            if not _MODEL_NAME.fullmatch(name):
+                raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_' or '-'")
+        return value
 
     @field_validator("quantization")
     @classmethod
@@ -85,6 +109,11 @@ class EngineConfig(_Section):
     # vLLM's --enforce-eager: no torch.compile / CUDA graphs. Starts much sooner and
     # decodes slower one stream at a time (measured on CPU: docs/performance-cpu.md).
     enforce_eager: bool = False
+    # LoRA (used when model.adapters is not empty): adapters active in one batch, the
+    # largest rank a slot holds (vLLM's allowed sizes), adapters kept in host memory.
+    max_loras: int = Field(default=1, ge=1)
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
+    max_cpu_loras: int | None = Field(default=None, ge=1)
     # vLLM's --stream-interval: tokens per streamed event (the first token always goes
     # alone). Fewer events for the ingress to relay; a reader sees tokens in groups.
     stream_interval: int = Field(default=1, ge=1)
@@ -182,10 +211,23 @@ class DeploymentConfig(_Section):
     router: RouterConfig = Field(default_factory=RouterConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
 
+    @model_validator(mode="after")
+    def _adapters_fit(self) -> "DeploymentConfig":
+        if self.served_model_name in self.model.adapters:
+            raise ValueError(f"adapter name {self.served_model_name!r} is the base model's name")
+        eng = self.engine
+        if eng.max_cpu_loras is not None and eng.max_cpu_loras < eng.max_loras:
+            raise ValueError(f"engine.max_cpu_loras ({eng.max_cpu_loras}) must be at least "
+                             f"engine.max_loras ({eng.max_loras})")
+        return self
+
     @property
     def model_revision(self) -> str:
         """What identifies the weights being served (part of every response-cache key)."""
-        return f"{self.model.source}@{self.model.revision or 'default'}"
+        served = f"{self.model.source}@{self.model.revision or 'default'}"
+        # An adapter name pointing at other weights must not answer from the cache.
+        adapters = ",".join(f"{n}={a.source}" for n, a in sorted(self.model.adapters.items()))
+        return f"{served};{adapters}" if adapters else served
 
     @property
     def served_model_name(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from .config import DeploymentConfig
 from .hardware import engine_dtype
+from .lora import resolve_source as resolve_adapter
 from .modelinfo import ModelFacts, resolve_source
 from .plan import max_model_len
 from .quantization import METHODS
@@ -108,6 +109,7 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         argv += ["--enforce-eager"]
     if eng.stream_interval > 1:
         argv += ["--stream-interval", str(eng.stream_interval)]
+    argv += lora_argv(cfg)
     if eng.max_num_queued_reqs:
         argv += ["--max-num-queued-reqs", str(eng.max_num_queued_reqs)]
     if eng.structured_outputs_backend != "auto":
@@ -127,3 +129,21 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         # so every start recompiled (~90 s); the regular inductor cache does work.
         env["VLLM_USE_AOT_COMPILE"] = "0"
     return EngineLaunch(argv=argv, env=env, served_model_name=cfg.served_model_name, device=device)
+
+
+def lora_argv(cfg: DeploymentConfig) -> list[str]:
+    """vLLM's LoRA flags: each adapter under its own name, parented to the base model
+    (so vLLM's /v1/models lists it with ``parent``)."""
+    adapters = cfg.model.adapters
+    if not adapters:
+        return []
+    eng = cfg.engine
+    argv = ["--enable-lora", "--max-loras", str(eng.max_loras),
+            "--max-lora-rank", str(eng.max_lora_rank)]
+    if eng.max_cpu_loras is not None:
+        argv += ["--max-cpu-loras", str(eng.max_cpu_loras)]
+    argv.append("--lora-modules")
+    for name, adapter in sorted(adapters.items()):
+        argv.append(json.dumps({"name": name, "path": resolve_adapter(adapter.source),
+                                "base_model_name": cfg.served_model_name}))
+    return argv

@@ -129,6 +129,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             metrics_require_key=cfg.server.metrics_require_key,
             model_revision=cfg.model_revision,
             tokens_per_event=cfg.engine.stream_interval,
+            adapters=tuple(sorted(cfg.model.adapters)),
         )
         app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress

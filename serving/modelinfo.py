@@ -28,6 +28,8 @@ class ModelFacts:
     tie_word_embeddings: bool
     num_params: int
     rope_theta: float
+    # The MLP's inner width (LoRA's per-rank size depends on it).
+    intermediate_size: int
     # Where the facts came from: "config.json" of a folder, or "built-in facts".
     origin: str
 
@@ -38,13 +40,15 @@ KNOWN_MODELS: dict[str, ModelFacts] = {
         name="Qwen/Qwen2.5-0.5B-Instruct", num_layers=24, hidden_size=896,
         num_attention_heads=14, num_kv_heads=2, head_dim=64, vocab_size=151936,
         max_position_embeddings=32768, tie_word_embeddings=True,
-        num_params=494_032_768, rope_theta=1_000_000.0, origin="built-in facts",
+        num_params=494_032_768, rope_theta=1_000_000.0, intermediate_size=4864,
+        origin="built-in facts",
     ),
     "Qwen/Qwen2.5-7B-Instruct": ModelFacts(
         name="Qwen/Qwen2.5-7B-Instruct", num_layers=28, hidden_size=3584,
         num_attention_heads=28, num_kv_heads=4, head_dim=128, vocab_size=152064,
         max_position_embeddings=32768, tie_word_embeddings=False,
-        num_params=7_615_616_512, rope_theta=1_000_000.0, origin="built-in facts",
+        num_params=7_615_616_512, rope_theta=1_000_000.0, intermediate_size=18944,
+        origin="built-in facts",
     ),
 }
 
@@ -93,6 +97,7 @@ def _from_folder(path: Path) -> ModelFacts:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         num_params=_count_params(path),
         rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
+        intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
         origin=f"{path / 'config.json'}",
     )
 

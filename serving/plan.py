@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 from .config import DeploymentConfig
 from .hardware import engine_dtype
+from .lora import AdapterError, check_adapters
 from .modelinfo import ModelFacts
 from .quantization import METHODS, QuantizationError, check_device
 
@@ -45,6 +46,7 @@ class Plan:
     max_model_len: int
     max_seqs_at_max_len_per_replica: int
     total_kv_tokens: int
+    lora_bytes_per_replica: int = 0
     arithmetic: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -115,7 +117,12 @@ def make_plan(
         lines.append(f"dtype = {dtype} (model.dtype auto on this CPU"
                      f"{' with' if dtype == 'bfloat16' else ' without'} native bf16)")
     weight_bytes = _weight_bytes(cfg, facts, dtype, lines)
-    per_device_weights = weight_bytes // tp_size
+    try:
+        lora_bytes = check_adapters(cfg, facts, _DTYPE_BYTES[dtype], lines, warnings)
+    except AdapterError as exc:
+        raise PlanError(str(exc)) from None
+    # vLLM shards LoRA slots with the layers they belong to.
+    per_device_weights = (weight_bytes + lora_bytes) // tp_size
     # --- KV cache -------------------------------------------------------------
     kv_elem = 1 if eng.kv_cache_dtype.startswith("fp8") else _DTYPE_BYTES[dtype]
     kv_per_token = 2 * facts.num_layers * facts.num_kv_heads * facts.head_dim * kv_elem
@@ -158,7 +165,7 @@ def make_plan(
         kv_bytes_per_token_per_device=kv_per_token_dev, kv_cache_bytes_per_replica=kv_bytes,
         kv_tokens_per_replica=kv_tokens, max_model_len=max_len,
         max_seqs_at_max_len_per_replica=seqs, total_kv_tokens=kv_tokens * replicas,
-        arithmetic=lines, warnings=warnings,
+        lora_bytes_per_replica=lora_bytes, arithmetic=lines, warnings=warnings,
     )
 
 
@@ -254,7 +261,8 @@ def format_plan(plan: Plan) -> str:
         f"valid TP sizes   {plan.valid_tp_sizes}   layouts: {', '.join(plan.valid_layouts)}",
         f"parameters       {plan.num_params:,}",
         f"weights          {plan.weight_bytes:,} B ({gib(plan.weight_bytes)}), "
-        f"{gib(plan.weight_bytes_per_device)} per device",
+        f"{gib(plan.weight_bytes_per_device)} per device"
+        + (f" (with {plan.lora_bytes_per_replica:,} B of LoRA slots)" if plan.lora_bytes_per_replica else ""),
         f"KV bytes/token   {plan.kv_bytes_per_token:,}",
         f"KV per replica   {gib(plan.kv_cache_bytes_per_replica)} = {plan.kv_tokens_per_replica:,} tokens",
         f"max_model_len    {plan.max_model_len:,}: {plan.max_seqs_at_max_len_per_replica} full-length "

@@ -158,7 +158,7 @@ async def handle(request: Request, state: IngressState, path: str, route: str) -
         state.metrics.rejected.labels(rej.reason).inc()
         return finish(state, route, "other", started, rej.response)
     model = admitted.body.get("model") or state.settings.model
-    model_label = model if model == state.settings.model else "other"
+    model_label = model if model in state.settings.served_models else "other"
     key = None
     if state.cache is not None and route in ("chat", "completions"):
         if "no-cache" in request.headers.get("cache-control", "").lower():

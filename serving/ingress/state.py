@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from ..config import LimitsConfig
 from .admission import Admission
@@ -33,6 +34,13 @@ class IngressSettings:
     model_revision: str = ""
     # The engine's stream interval: the most tokens one streamed event carries.
     tokens_per_event: int = 1
+    # LoRA adapters the engines serve next to the base model (model names).
+    adapters: tuple[str, ...] = ()
+
+    @cached_property
+    def served_models(self) -> frozenset[str]:
+        """Model names with their own metrics series (anything else is "other")."""
+        return frozenset((self.model, *self.adapters))
 
 
 @dataclass
