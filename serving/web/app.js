@@ -135,7 +135,8 @@
       for (const m of models) {
         const option = document.createElement("option");
         option.value = String(m.id);
-        option.textContent = String(m.id);
+        // vLLM lists a LoRA adapter with its base model as "parent".
+        option.textContent = m.parent && m.parent !== m.id ? `${m.id} (adapter of ${m.parent})` : String(m.id);
         el.model.append(option);
       }
       if (models.length === 0) {
