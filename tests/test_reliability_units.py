@@ -64,7 +64,7 @@ def test_wrong_keys_are_refused(keys, presented):
     ("sha256:abc\n", "64 hex digits"),
     ("sha256:" + "g" * 64 + "\n", "64 hex digits"),
     ("ключ-доступа\n", "printable ASCII"),
-    ("two words\n", "printable ASCII"),
+    ("two words\n", "only .models=a,b. may follow"),  # a space ends the key
 ])
 def test_bad_key_files_fail_with_the_line(tmp_path, text, match):
     with pytest.raises(ApiKeyError, match=match):
@@ -524,3 +524,39 @@ async def test_a_1000_prompt_batch_is_charged_1000_times():
         batch = {"model": "m", "prompt": ["x" * 400] * 1000, "max_tokens": 512}
         charged = (await client.post("/v1/completions", json=batch)).json()["charged_tokens"]
         assert charged == 1000 * one == 1000 * (100 + 512)
+
+
+# --- per-key model access (keys file "models=") --------------------------------------
+
+async def test_a_key_limited_to_some_models_gets_403_naming_model_for_others(tmp_path):
+    keys = ApiKeys.load(keys_file(tmp_path, f"{PLAIN} models=base,tone\nsha256:"
+                                  f"{hashlib.sha256(HASHED.encode()).hexdigest()}\n"))
+    admission_app = Starlette(routes=[Route("/v1/completions", _admit_endpoint(
+        Admission(LimitsConfig(), keys, default_model="base")), methods=["POST"])])
+    limited, free = {"Authorization": f"Bearer {PLAIN}"}, {"Authorization": f"Bearer {HASHED}"}
+    async with client_for(admission_app) as client:
+        for model, code in (("base", 200), ("tone", 200), (None, 200), ("other", 403), (["base"], 403)):
+            body = {"prompt": "hi"} if model is None else {"model": model, "prompt": "hi"}
+            resp = await client.post("/v1/completions", json=body, headers=limited)
+            if code == 403:
+                assert assert_openai_error(resp, 403, param="model")["code"] == "model_not_allowed"
+            else:
+                assert resp.status_code == 200, resp.text
+        resp = await client.post("/v1/completions", json={"model": "other", "prompt": "hi"}, headers=free)
+        assert resp.status_code == 200
+
+
+def test_keys_file_options_are_checked(tmp_path):
+    for bad in (f"{PLAIN} model=a", f"{PLAIN} models=", f"{PLAIN} models=a extra"):
+        with pytest.raises(ApiKeyError, match="models=a,b"):
+            ApiKeys.load(keys_file(tmp_path, bad + "\n"))
+
+
+def _admit_endpoint(admission: Admission):
+    async def endpoint(request: Request):
+        try:
+            admitted = await admission.admit(request)
+        except Rejected as rej:
+            return rej.response
+        return JSONResponse({"admitted": True, "key_id": admitted.key_id})
+    return endpoint

@@ -42,9 +42,11 @@ class Rejected(Exception):
 
 
 class Admission:
-    def __init__(self, limits: LimitsConfig, keys: ApiKeys | KeysFile | None) -> None:
+    def __init__(self, limits: LimitsConfig, keys: ApiKeys | KeysFile | None,
+                 default_model: str = "") -> None:
         self.limits = limits
         self.keys = keys
+        self.default_model = default_model  # what a request without "model" gets
         self.limiter = KeyLimiter(limits.requests_per_minute, limits.tokens_per_minute)
 
     def authenticate(self, request: Request) -> str | None:
@@ -78,6 +80,8 @@ class Admission:
             raise Rejected("invalid", error_response(
                 400, "The request body must be a JSON object.", code="invalid_json"))
         self._check_bounds(body)
+        if kid is not None:
+            self._check_model_access(kid, body)
         text = routing_text(body)
         if not self.limiter.enabled:
             return Admitted(raw, body, text, kid)
@@ -96,6 +100,14 @@ class Admission:
                 429, f"Rate limit reached for this key; retry after {wait:.0f}s.",
                 code="rate_limit_exceeded", headers={"Retry-After": f"{wait:.0f}"}))
         return Admitted(raw, body, text, kid, charged_to=who, charged_tokens=tokens)
+
+    def _check_model_access(self, kid: str, body: dict) -> None:
+        allowed = self.keys.models_for(kid)
+        model = body.get("model") or self.default_model
+        if allowed is not None and (not isinstance(model, str) or model not in allowed):
+            raise Rejected("forbidden", error_response(
+                403, f"This API key may not use the model {model!r}; it may use: "
+                     f"{', '.join(sorted(allowed))}.", param="model", code="model_not_allowed"))
 
     def settle(self, admitted: Admitted, used_tokens: int) -> None:
         """Charge what the engine reported using instead of the admission estimate."""

@@ -110,7 +110,8 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
               cache_config: ResponseCacheConfig | None = None) -> Starlette:
     metrics = RouterMetrics()
     state = IngressState(settings=settings, pool=pool, policy=make_policy(settings.policy),
-                         metrics=metrics, admission=Admission(settings.limits, settings.api_keys),
+                         metrics=metrics, admission=Admission(settings.limits, settings.api_keys,
+                                                             settings.model),
                          cache=_make_cache(cache_config, metrics))
 
     def authorized(request: Request, route: str) -> Response | None:

@@ -2,7 +2,8 @@
 
 Keys come from a file (or a mounted Secret): one per line, blank lines and
 ``#`` comments ignored. A line may hold the key itself or ``sha256:<hex>`` of it,
-so the file need not contain usable secrets. Presented keys are hashed and
+so the file need not contain usable secrets, optionally followed by
+``models=a,b``: the only models (base or adapter names) that key may use. Presented keys are hashed and
 compared with ``hmac.compare_digest`` against every stored hash (no early exit).
 A key is known by its whole digest wherever it separates callers (rate-limit
 buckets, response-cache scope): a shortened one would let two keys whose digests
@@ -45,6 +46,15 @@ class ApiKeyError(ValueError):
 @dataclass(frozen=True)
 class ApiKeys:
     digests: tuple[str, ...]
+    # (digest, models) for keys limited to some models; others may use every model.
+    restricted: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def models_for(self, kid: str) -> frozenset[str] | None:
+        """The models key ``kid`` may use, or None for all of them."""
+        for digest, models in self.restricted:
+            if digest == kid:
+                return models
+        return None
 
     @classmethod
     def load(cls, path: str | Path) -> "ApiKeys":
@@ -53,10 +63,18 @@ class ApiKeys:
         except OSError as exc:
             raise ApiKeyError(f"cannot read API keys file {path}: {exc.strerror}") from None
         digests = []
+        restricted = []
         for number, raw in enumerate(lines, 1):
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
+            line, *options = line.split()
+            for option in options:
+                name, _, value = option.partition("=")
+                models = frozenset(m for m in value.split(",") if m)
+                if name != "models" or not models:
+                    raise ApiKeyError(f"{path}:{number}: after the key only 'models=a,b' may follow")
+                restricted.append(models)
             if line.startswith("sha256:"):
                 digest = line[len("sha256:"):].lower()
                 if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -68,9 +86,11 @@ class ApiKeys:
                 raise ApiKeyError(f"{path}:{number}: a key must be printable ASCII without spaces")
             else:
                 digests.append(key_digest(line))
+            if options:
+                restricted[-1] = (digests[-1], restricted[-1])
         if not digests:
             raise ApiKeyError(f"API keys file {path} holds no keys")
-        return cls(tuple(digests))
+        return cls(tuple(digests), tuple(restricted))
 
     def check(self, presented: str | None) -> str | None:
         """The key's id if it is valid, else None. Constant time in the key."""
@@ -105,6 +125,9 @@ class KeysFile:
 
     def check(self, presented: str | None) -> str | None:
         return self._keys.check(presented)
+
+    def models_for(self, kid: str) -> frozenset[str] | None:
+        return self._keys.models_for(kid)
 
     def reload(self) -> bool:
         """Re-read the file now; True if the new keys are in force."""
