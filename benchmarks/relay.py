@@ -211,6 +211,18 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
+def _wait_seconds(pid: int) -> float:
+    """Time the process's threads were runnable but waiting for a CPU (/proc/PID/task/*/schedstat).
+
+    Why: on a shared machine another process can hold the ingress's core; the ingress
+    then relays less while its own CPU time looks modest. This makes that visible."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _percentile(sorted_values: list[float], q: float) -> float | None:
     if not sorted_values:
         return None
@@ -252,6 +264,7 @@ async def _load(port: int, path: str, body: bytes, streams: int, warmup_s: float
             await asyncio.sleep(0.05)
         await asyncio.sleep(warmup_s)
         cpu0 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        wait0 = {name: _wait_seconds(pid) for name, pid in pids.items()}
         own0 = sum(os.times()[:2])
         t0, ev0, rq0, er0 = time.perf_counter(), stats.events, stats.requests, stats.errors
         stats.recording = True
@@ -259,6 +272,7 @@ async def _load(port: int, path: str, body: bytes, streams: int, warmup_s: float
         stats.recording = False
         t1, ev1, rq1, er1 = time.perf_counter(), stats.events, stats.requests, stats.errors
         cpu1 = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+        wait1 = {name: _wait_seconds(pid) for name, pid in pids.items()}
         own1 = sum(os.times()[:2])
         # Let every stream finish its answer, so the next run starts from an idle ingress.
         stopping = True
@@ -284,7 +298,8 @@ async def _load(port: int, path: str, body: bytes, streams: int, warmup_s: float
         "itl_p99_ms": None if not itl else 1000 * _percentile(itl, 0.99),
         "latency_p50_ms": None if not lat else 1000 * _percentile(lat, 0.50),
         "latency_p99_ms": None if not lat else 1000 * _percentile(lat, 0.99),
-        "cpu_s": cpu, "unfinished_at_stop": len(late),
+        "cpu_s": cpu, "runqueue_wait_s": {name: wait1[name] - wait0[name] for name in pids},
+        "unfinished_at_stop": len(late),
     }
 
 
@@ -530,6 +545,7 @@ def measure(h: Harness, streams: list[int], max_tokens: int = 64, warmup_s: floa
             "ratio": t["events_per_s"] / d["events_per_s"] if d["events_per_s"] else None,
             "ingress_cpu_us_per_event": _per(t["cpu_s"]["ingress"], t["events"]),
             "ingress_cpu_share": t["cpu_s"]["ingress"] / t["window_s"],
+            "ingress_wait_share": t["runqueue_wait_s"]["ingress"] / t["window_s"],
         })
     plain = {}
     for target in ("direct", "through"):
@@ -542,6 +558,7 @@ def measure(h: Harness, streams: list[int], max_tokens: int = 64, warmup_s: floa
         "ratio": t["requests_per_s"] / d["requests_per_s"] if d["requests_per_s"] else None,
         "ingress_cpu_us_per_request": _per(t["cpu_s"]["ingress"], t["requests"]),
         "ingress_cpu_share": t["cpu_s"]["ingress"] / t["window_s"],
+        "ingress_wait_share": t["runqueue_wait_s"]["ingress"] / t["window_s"],
     }
     return {"levels": levels, "non_stream": non_stream, "pinned": h.pin}
 
@@ -550,11 +567,15 @@ def _f(v: float | None, fmt: str = "{:,.0f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
+def _share(v: float | None) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
 def tables(result: dict[str, Any]) -> str:
     rows = ["| streams | offered ev/s | direct ev/s | through ev/s | through/direct | "
             "ITL p50/p99 direct (ms) | ITL p50/p99 through (ms) | ingress CPU µs/event | "
-            "ingress CPU | core-1 CPU direct/through | errors |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "ingress CPU | ingress waiting for CPU | core-1 CPU direct/through | errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lv in result["levels"]:
         d, t = lv["direct"], lv["through"]
         core1 = ["{:.0%}".format((r["cpu_s"]["engine"] + r["cpu_s"]["loadgen"]) / r["window_s"])
@@ -565,18 +586,19 @@ def tables(result: dict[str, Any]) -> str:
             f"{_f(d['itl_p50_ms'], '{:.1f}')} / {_f(d['itl_p99_ms'], '{:.1f}')} | "
             f"{_f(t['itl_p50_ms'], '{:.1f}')} / {_f(t['itl_p99_ms'], '{:.1f}')} | "
             f"{_f(lv['ingress_cpu_us_per_event'], '{:.1f}')} | {lv['ingress_cpu_share']:.0%} | "
-            f"{core1[0]} / {core1[1]} | {d['errors']} / {t['errors']} |")
+            f"{_share(lv.get('ingress_wait_share'))} | {core1[0]} / {core1[1]} | {d['errors']} / {t['errors']} |")
     ns = result["non_stream"]
     d, t = ns["direct"], ns["through"]
     rows += ["", "| non-stream (max_tokens 1), concurrency | direct req/s | through req/s | "
              "through/direct | latency p50/p99 direct (ms) | latency p50/p99 through (ms) | "
-             "ingress CPU µs/request | ingress CPU | errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+             "ingress CPU µs/request | ingress CPU | ingress waiting for CPU | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
              f"| {ns['concurrency']} | {_f(d['requests_per_s'])} | {_f(t['requests_per_s'])} | "
              f"{_f(ns['ratio'], '{:.3f}')} | {_f(d['latency_p50_ms'], '{:.1f}')} / "
              f"{_f(d['latency_p99_ms'], '{:.1f}')} | {_f(t['latency_p50_ms'], '{:.1f}')} / "
              f"{_f(t['latency_p99_ms'], '{:.1f}')} | {_f(ns['ingress_cpu_us_per_request'], '{:.0f}')} | "
-             f"{ns['ingress_cpu_share']:.0%} | {d['errors']} / {t['errors']} |"]
+             f"{ns['ingress_cpu_share']:.0%} | {_share(ns.get('ingress_wait_share'))} | "
+             f"{d['errors']} / {t['errors']} |"]
     return "\n".join(rows)
 
 
@@ -607,6 +629,10 @@ after all streams started and {a['warmup']:g} s of warm-up.
 - ingress CPU = utime + stime of the ingress process over the window (/proc, 10 ms
   ticks); µs/event = that / events received through it. core-1 CPU = engine +
   load generator: near 100 % means the direct figure is the harness's limit.
+- ingress waiting for CPU = time its threads were runnable while another process
+  had the core (/proc/PID/task/*/schedstat), as a share of the window. More than a
+  few % means the machine was shared during the run and the through figures
+  understate the ingress (its µs/event stay meaningful).
 - Engine and load generator run SCHED_BATCH on core 1 (no wakeup preemption), so
   they work through a tick's events in batches instead of one context switch per
   event; the ingress keeps the normal scheduler.

@@ -65,9 +65,9 @@ def test_non_stream_answers_pass_through_byte_identical(harness, path, body):
 
 
 def test_the_benchmark_reports_relayed_events_and_ingress_cpu(harness):
-    result = measure(harness, [8], max_tokens=16, warmup_s=0.5, seconds=1.5, non_stream_concurrency=8)
+    result = measure(harness, [16], max_tokens=16, warmup_s=0.3, seconds=1.5, non_stream_concurrency=8)
     (level,) = result["levels"]
-    assert level["streams"] == 8 and level["offered_events_per_s"] == 8 * 50
+    assert level["streams"] == 16 and level["offered_events_per_s"] == 16 * 50
     for run in (level["direct"], level["through"]):
         assert run["events_per_s"] > 0 and run["errors"] == 0 and run["itl_samples"] > 0
     assert level["ingress_cpu_us_per_event"] > 0
