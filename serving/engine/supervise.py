@@ -7,6 +7,11 @@ so every orphaned descendant re-parents to it; when the engine exits, or when
 we get SIGTERM (sent by the kernel if the owning replica dies: PR_SET_PDEATHSIG
 is set by process.spawn), it terminates all of them, waits ``GRACE`` seconds,
 kills what is left, and exits with the engine's code.
+
+The engine itself is told to stop (SIGTERM, PR_SET_PDEATHSIG) if this shim dies
+first: when the whole stack is stopped at once, Ray's raylet SIGKILLs the worker's
+leftover children, this shim among them, and the engine re-parented to init lived
+on (~940 MB, seen 4 of 4 times with SIGTERM to the stack's process group).
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ import time
 import psutil
 
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:  # runs in the child between fork and exec
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _terminate_all(grace_s: float) -> None:
@@ -45,7 +55,7 @@ def main(argv: list[str]) -> int:
     grace_s = float(argv[0])
     cmd = argv[argv.index("--") + 1:]
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, preexec_fn=_stop_with_parent)
     stopping = threading.Event()
 
     def on_signal(signum, frame):

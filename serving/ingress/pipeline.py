@@ -249,8 +249,7 @@ async def _open(state: IngressState, ctx: RequestContext) -> tuple[Lease, aiohtt
         lease = Lease(state, ctx, replica)
         try:
             resp = await state.upstream.open("POST", f"{replica.url}{ctx.path}", body=admitted.raw,
-                                             headers=ctx.engine_headers,
-                                             timeout_s=state.settings.request_timeout_s)
+                                             headers=ctx.engine_headers)
             return lease, resp
         except BaseException as exc:
             lease.release(None)
