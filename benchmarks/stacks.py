@@ -85,3 +85,34 @@ def stop_stack(stack: Stack, timeout_s: float = 90) -> int | None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         return proc.wait()
+
+
+def stack_processes(stack: Stack) -> list:
+    """Every process the stack started (Ray, its workers, supervisors, engines)."""
+    import psutil
+
+    return psutil.Process(stack.proc.pid).children(recursive=True)
+
+
+def leftovers(procs: list, timeout_s: float) -> list[str]:
+    """The command lines of ``procs`` still running after ``timeout_s`` (zombies count as gone)."""
+    import psutil
+
+    def running(p) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.5)
+        alive = [p for p in alive if running(p)]
+    out = []
+    for p in alive:
+        try:
+            out.append(f"{p.pid}: " + " ".join(p.cmdline())[:150])
+        except psutil.Error:
+            pass
+    return out

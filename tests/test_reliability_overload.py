@@ -18,6 +18,7 @@ import asyncio
 import gc
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import httpx
 import psutil
 import pytest
 
+from benchmarks.stacks import leftovers, stack_processes
 from conftest import Stack, start_stack, stop_stack
 from test_reliability_stack import (KEY_PLAIN, REPLICAS, Outcome, engine_pids, guarded_args,
                                     is_openai_error, ms, record, wait_until_idle, write_keys)
@@ -238,3 +240,19 @@ def test_each_engine_keeps_to_its_own_core(bounded):
     assert len(set(trees)) == REPLICAS, trees
 
 
+
+
+def test_zz_sigkill_to_the_process_group_leaves_no_process(bounded):
+    """Runs last in this module: the stack dies without a chance to clean up (OOM killer,
+    `kill -9` of a supervisor's group); its engines must still go, by themselves."""
+    if bounded.proc is None:
+        pytest.skip("QWEN_SERVE_OVERLOAD_URL points at a stack this session did not start")
+    family = stack_processes(bounded)
+    assert sum("vllm.entrypoints" in " ".join(p.cmdline()) for p in family) >= REPLICAS
+    signalled = time.monotonic()
+    os.killpg(bounded.proc.pid, signal.SIGKILL)
+    bounded.proc.wait(30)
+    left = leftovers(family, 15)
+    print(f"\nSIGKILL to the group: {len(family)} processes, left after 15 s: {len(left)} "
+          f"({time.monotonic() - signalled:.1f} s)")
+    assert not left, left

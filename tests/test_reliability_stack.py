@@ -32,6 +32,7 @@ import httpx
 import psutil
 import pytest
 
+from benchmarks.stacks import leftovers, stack_processes
 from conftest import Stack, start_stack, stop_stack
 
 pytestmark = pytest.mark.stack
@@ -1052,6 +1053,7 @@ def test_sigterm_drains_streams_then_exits_0(guarded):
             return {"results": results, "late": late, "ready": ready,
                     "streams_done_s": time.monotonic() - signalled, "signalled": signalled}
 
+    family = stack_processes(guarded) if guarded.proc is not None else []
     out = asyncio.run(scenario())
     if guarded.proc is not None:
         code = guarded.proc.wait(120)
@@ -1075,6 +1077,8 @@ def test_sigterm_drains_streams_then_exits_0(guarded):
     assert out["late"].status_code == 503 and openai_error(out["late"])["code"] == "draining"
     assert out["ready"].status_code == 503 and out["ready"].json()["status"] == "draining"
     assert code == 0
+    # Drained and stopped: nothing of the stack is left (60 s: the drain's bound).
+    assert not leftovers(family, 60)
 
 
 def test_keys_never_reach_the_log(guarded):
