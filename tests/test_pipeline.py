@@ -25,6 +25,7 @@ from serving.ingress.app import IngressSettings, build_app
 from serving.ingress.pool import ReplicaPool
 from serving.ports import bind_reusable
 
+BUSY_PROBE_S = 2.0
 EVENT = b'data: {"object":"text_completion","choices":[{"index":0,"text":"t"}]}\n\n'
 
 
@@ -32,7 +33,8 @@ async def engine_completions(request: web.Request) -> web.StreamResponse:
     body = await request.json()
     act = body.get("prompt")
     if not body.get("stream"):
-        await asyncio.sleep(float(body.get("sleep", 0)))
+        # The readiness probe's one token waits as if queued behind a full batch.
+        await asyncio.sleep(BUSY_PROBE_S if act == "ping" else float(body.get("sleep", 0)))
         return web.json_response({"object": "text_completion", "choices": [{"text": "x"}],
                                   "usage": {"total_tokens": 3}})
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -165,3 +167,20 @@ async def test_a_client_that_stops_reading_gives_its_slot_back_at_the_deadline(e
                 assert (await c.post("/v1/completions", json={"prompt": "a"})).status_code == 200
         finally:
             writer.close()
+
+
+async def test_a_replica_busy_streaming_is_ready_though_its_probe_would_time_out(engine):
+    async with ingress([engine], ready_timeout_s=0.5) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            idle = await c.get("/ready")
+            assert idle.status_code == 503 and idle.json()["replicas"][0]["detail"] == "TimedOut"
+            async with c.stream("POST", "/v1/completions", json={
+                    "prompt": "a", "stream": True, "max_tokens": 40, "sleep": 0.05}) as resp:
+                chunks = resp.aiter_bytes()
+                await chunks.__anext__()
+                await asyncio.sleep(1.1)  # past the 1 s the ready answer is cached
+                busy = await c.get("/ready")
+                async for _ in chunks:
+                    pass
+            assert busy.status_code == 200, busy.text
+            assert busy.json()["replicas"][0]["detail"] == "serving"

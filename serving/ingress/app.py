@@ -61,7 +61,14 @@ async def _forward_get(state: IngressState, path: str, route: str) -> Response:
 
 
 async def _probe(state: IngressState, replica: Replica) -> tuple[bool, str]:
-    """A replica is ready when it generates one token within the timeout."""
+    """A replica is ready when it generates one token within the timeout.
+
+    A replica streaming answers right now is ready without a probe: under load the
+    probe's token would wait in the engine's queue behind that work and time out,
+    calling a busy engine unready exactly when it is proving otherwise.
+    """
+    if replica.answering_within(state.settings.ready_timeout_s):
+        return True, "serving"
     probe = json.dumps({"model": state.settings.model, "prompt": "ping", "max_tokens": 1})
     try:
         status, _, _ = await state.upstream.fetch(

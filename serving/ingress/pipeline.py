@@ -316,6 +316,7 @@ async def _relay(state: IngressState, ctx: RequestContext, lease: Lease,
                 state.metrics.ttfb.labels(ctx.route, ctx.model_label).observe(
                     time.perf_counter() - ctx.started)
                 first = False
+            lease.replica.answered()
             for observer in observers:
                 observer.feed(chunk)
             yield chunk
@@ -356,6 +357,7 @@ async def _read_plain(state: IngressState, ctx: RequestContext, lease: Lease,
     finally:
         finish_upstream(resp, complete)
     ctx.deadline.cancel()
+    lease.replica.answered()
     lease.release(resp.status)
     if resp.status == 200:
         admitted = ctx.admitted

@@ -27,6 +27,9 @@ class Replica:
     pid: int
     in_flight: int = 0
     down_until: float = 0.0
+    # When the engine last sent bytes for a request (monotonic). A replica busy with
+    # work it is visibly doing is alive; a probe would only queue behind that work.
+    answered_at: float = 0.0
 
     @property
     def available(self) -> bool:
@@ -34,6 +37,15 @@ class Replica:
 
     def mark_down(self) -> None:
         self.down_until = time.monotonic() + DOWN_PENALTY_S
+        self.answered_at = 0.0
+
+    def answered(self) -> None:
+        self.answered_at = time.monotonic()
+
+    def answering_within(self, window_s: float) -> bool:
+        """Serving requests now and sent bytes for one within ``window_s``."""
+        return (self.in_flight > 0 and self.available
+                and time.monotonic() - self.answered_at < window_s)
 
 
 class ReplicaPool:
