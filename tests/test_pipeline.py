@@ -26,6 +26,7 @@ from serving.ingress.pool import ReplicaPool
 from serving.ports import bind_reusable
 
 BUSY_PROBE_S = 2.0
+HEALTH = {"status": 200}  # what the stand-in's /health answers
 EVENT = b'data: {"object":"text_completion","choices":[{"index":0,"text":"t"}]}\n\n'
 
 
@@ -55,6 +56,10 @@ async def engine_completions(request: web.Request) -> web.StreamResponse:
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
+
+
+async def engine_health(request: web.Request) -> web.Response:
+    return web.Response(status=HEALTH["status"])
 
 
 class FixedRegistry:
@@ -91,6 +96,7 @@ async def ingress(replicas: list[str], **settings):
 async def engine():
     app = web.Application()
     app.router.add_post("/v1/completions", engine_completions)
+    app.router.add_get("/health", engine_health)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -169,18 +175,30 @@ async def test_a_client_that_stops_reading_gives_its_slot_back_at_the_deadline(e
             writer.close()
 
 
+async def ready_while_streaming(c: httpx.AsyncClient) -> httpx.Response:
+    async with c.stream("POST", "/v1/completions", json={
+            "prompt": "a", "stream": True, "max_tokens": 40, "sleep": 0.05}) as resp:
+        chunks = resp.aiter_bytes()
+        await chunks.__anext__()
+        await asyncio.sleep(1.1)  # past the 1 s the ready answer is cached
+        answer = await c.get("/ready")
+        async for _ in chunks:
+            pass
+    return answer
+
+
 async def test_a_replica_busy_streaming_is_ready_though_its_probe_would_time_out(engine):
     async with ingress([engine], ready_timeout_s=0.5) as (base, state):
         async with httpx.AsyncClient(base_url=base, timeout=30) as c:
             idle = await c.get("/ready")
             assert idle.status_code == 503 and idle.json()["replicas"][0]["detail"] == "TimedOut"
-            async with c.stream("POST", "/v1/completions", json={
-                    "prompt": "a", "stream": True, "max_tokens": 40, "sleep": 0.05}) as resp:
-                chunks = resp.aiter_bytes()
-                await chunks.__anext__()
-                await asyncio.sleep(1.1)  # past the 1 s the ready answer is cached
-                busy = await c.get("/ready")
-                async for _ in chunks:
-                    pass
+            busy = await ready_while_streaming(c)
             assert busy.status_code == 200, busy.text
             assert busy.json()["replicas"][0]["detail"] == "serving"
+            HEALTH["status"] = 500  # streaming, but the engine says it is unwell
+            try:
+                await asyncio.sleep(1.1)
+                sick = await ready_while_streaming(c)
+            finally:
+                HEALTH["status"] = 200
+            assert sick.status_code == 503 and sick.json()["replicas"][0]["detail"] == "HTTP 500"

@@ -252,7 +252,9 @@ def test_zz_sigkill_to_the_process_group_leaves_no_process(bounded):
     signalled = time.monotonic()
     os.killpg(bounded.proc.pid, signal.SIGKILL)
     bounded.proc.wait(30)
-    left = leftovers(family, 15)
-    print(f"\nSIGKILL to the group: {len(family)} processes, left after 15 s: {len(left)} "
-          f"({time.monotonic() - signalled:.1f} s)")
+    # An engine told to stop has the supervisor's grace (20 s) to shut down before it is
+    # killed; on a loaded 2-core machine vLLM used more than 15 s of it (seen in CI).
+    left = leftovers(family, 60)
+    print(f"\nSIGKILL to the group: {len(family)} processes, left after 60 s: {len(left)} "
+          f"({time.monotonic() - signalled:.1f} s until none was left)")
     assert not left, left

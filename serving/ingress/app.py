@@ -63,22 +63,27 @@ async def _forward_get(state: IngressState, path: str, route: str) -> Response:
 async def _probe(state: IngressState, replica: Replica) -> tuple[bool, str]:
     """A replica is ready when it generates one token within the timeout.
 
-    A replica streaming answers right now is ready without a probe: under load the
-    probe's token would wait in the engine's queue behind that work and time out,
-    calling a busy engine unready exactly when it is proving otherwise.
+    A replica streaming answers right now gets vLLM's ``/health`` instead (the
+    process and its engine core are alive): under load the probe's token would wait
+    in the engine's queue behind that work and time out, calling a busy engine
+    unready exactly when it is proving otherwise. A killed engine still fails at
+    once: its port refuses the connection.
     """
-    if replica.answering_within(state.settings.ready_timeout_s):
-        return True, "serving"
-    probe = json.dumps({"model": state.settings.model, "prompt": "ping", "max_tokens": 1})
+    timeout_s = state.settings.ready_timeout_s
+    if replica.answering_within(timeout_s):
+        request, ok_detail = ("GET", f"{replica.url}/health", None), "serving"
+    else:
+        probe = json.dumps({"model": state.settings.model, "prompt": "ping", "max_tokens": 1})
+        request, ok_detail = ("POST", f"{replica.url}/v1/completions", probe.encode()), "ok"
+    method, url, body = request
     try:
         status, _, _ = await state.upstream.fetch(
-            "POST", f"{replica.url}/v1/completions", body=probe.encode(),
-            headers={"content-type": "application/json"}, timeout_s=state.settings.ready_timeout_s)
+            method, url, body=body, headers={"content-type": "application/json"}, timeout_s=timeout_s)
     except UpstreamError as exc:
         return False, type(exc).__name__
     if status != 200:
         return False, f"HTTP {status}"
-    return True, "ok"
+    return True, ok_detail
 
 
 async def _readiness(state: IngressState) -> tuple[int, dict]:
