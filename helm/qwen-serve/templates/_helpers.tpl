@@ -141,6 +141,7 @@ Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEn
       mountPath: /var/cache/qwen-serve
     - name: dshm
       mountPath: /dev/shm
+    {{- include "qwen-serve.adaptersMount" $root | nindent 4 }}
     {{- if $root.Values.secrets.apiKeys.existingSecret }}
     - name: api-keys
       mountPath: /etc/qwen-serve/secrets
@@ -164,9 +165,38 @@ Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEn
   emptyDir:
     medium: Memory
     sizeLimit: {{ .Values.shmSize }}
+{{- include "qwen-serve.adaptersVolume" . }}
 {{- if .Values.secrets.apiKeys.existingSecret }}
 - name: api-keys
   secret:
     secretName: {{ .Values.secrets.apiKeys.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{/* The LoRA adapters' claim, read-only, where every engine finds it. */}}
+{{- define "qwen-serve.adaptersMount" -}}
+{{- if .Values.adapters.existingClaim }}
+- name: adapters
+  mountPath: {{ .Values.adapters.mountPath }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "qwen-serve.adaptersVolume" -}}
+{{- if .Values.adapters.existingClaim }}
+- name: adapters
+  persistentVolumeClaim:
+    claimName: {{ .Values.adapters.existingClaim }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* An adapter read from the mount path needs the claim that fills it. */}}
+{{- define "qwen-serve.checkAdapters" -}}
+{{- $mount := .Values.adapters.mountPath }}
+{{- range $name, $adapter := ((.Values.serving.model | default dict).adapters | default dict) }}
+{{- if and (hasPrefix $mount (toString $adapter.source)) (not $.Values.adapters.existingClaim) }}
+{{- fail (printf "serving.model.adapters.%s reads %s, under adapters.mountPath, but adapters.existingClaim is not set: nothing is mounted there" $name $adapter.source) }}
+{{- end }}
 {{- end }}
 {{- end }}
