@@ -195,6 +195,10 @@ class ServerConfig(_Section):
     # Address the engine replicas bind to; loopback unless replicas span nodes.
     replica_host: str = "127.0.0.1"
     request_timeout_s: float = Field(default=600.0, gt=0)
+    # Slow clients: a request's headers must be complete this long after its first
+    # byte (else 408 and close), its body this long after its headers (else 408).
+    header_timeout_s: float = Field(default=15.0, gt=0)
+    body_timeout_s: float = Field(default=60.0, gt=0)
     ready_timeout_s: float = Field(default=10.0, gt=0)
     startup_timeout_s: float = Field(default=900.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)

@@ -20,6 +20,7 @@ import uvicorn
 from . import ports
 from .config import DeploymentConfig
 from .engine_args import build_engine_launch
+from .ingress.http_protocol import header_bounded
 from .modelinfo import ModelFacts
 from .plan import Plan
 
@@ -122,6 +123,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             expected_replicas=max(1, auto.min_replicas) if auto else plan.replicas,
             policy=cfg.router.policy,
             request_timeout_s=cfg.server.request_timeout_s,
+            body_timeout_s=cfg.server.body_timeout_s,
             ready_timeout_s=cfg.server.ready_timeout_s,
             web_ui=cfg.server.web_ui,
             limits=cfg.server.limits,
@@ -147,7 +149,8 @@ async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int
     srv = cfg.server
     config = uvicorn.Config(app, host=srv.host, port=srv.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30, backlog=4096)
+                            timeout_keep_alive=30, backlog=4096,
+                            http=header_bounded(srv.header_timeout_s))
     server: _DrainingServer
 
     def drain() -> None:

@@ -9,6 +9,7 @@ replica is at its in-flight bound) is checked when a replica is chosen.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 
@@ -43,8 +44,9 @@ class Rejected(Exception):
 
 class Admission:
     def __init__(self, limits: LimitsConfig, keys: ApiKeys | KeysFile | None,
-                 default_model: str = "") -> None:
+                 default_model: str = "", body_timeout_s: float = 60.0) -> None:
         self.limits = limits
+        self.body_timeout_s = body_timeout_s
         self.keys = keys
         self.default_model = default_model  # what a request without "model" gets
         self.limiter = KeyLimiter(limits.requests_per_minute, limits.tokens_per_minute)
@@ -126,16 +128,26 @@ class Admission:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > cap:
             raise too_large
-        chunks, size = [], 0
-        try:
+        chunks: list[bytes] = []
+
+        async def read() -> None:
+            size = 0
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > cap:
                     raise too_large
                 chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), self.body_timeout_s)
         except ClientDisconnect:
             raise Rejected("invalid", error_response(400, "The client went away.",
                                                      code="client_disconnected")) from None
+        except asyncio.TimeoutError:
+            # The rest of the body may still be on its way: close rather than read it.
+            raise Rejected("slow_client", error_response(
+                408, f"The request body did not arrive within {self.body_timeout_s:g} s.",
+                code="request_timeout", headers={"Connection": "close"})) from None
         return b"".join(chunks)
 
     def _check_bounds(self, body: dict) -> None:

@@ -123,7 +123,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
     metrics = RouterMetrics()
     state = IngressState(settings=settings, pool=pool, policy=make_policy(settings.policy),
                          metrics=metrics, admission=Admission(settings.limits, settings.api_keys,
-                                                             settings.model),
+                                                             settings.model, settings.body_timeout_s),
                          cache=_make_cache(cache_config, metrics))
 
     def authorized(request: Request, route: str) -> Response | None:

@@ -26,6 +26,7 @@ class IngressSettings:
     expected_replicas: int
     policy: str = "power_of_two"
     request_timeout_s: float = 600.0
+    body_timeout_s: float = 60.0
     ready_timeout_s: float = 10.0
     web_ui: bool = True
     limits: LimitsConfig = field(default_factory=LimitsConfig)
