@@ -35,6 +35,9 @@ class Admitted:
     charged_tokens: int = 0
 
 
+_timeout = getattr(asyncio, "timeout", None)
+
+
 class Rejected(Exception):
     def __init__(self, reason: str, response: Response) -> None:
         super().__init__(reason)
@@ -123,11 +126,14 @@ class Admission:
 
     async def _read_body(self, request: Request) -> bytes:
         cap = self.limits.max_body_bytes
-        too_large = Rejected("too_large", error_response(
-            413, f"The request body exceeds {cap} bytes.", code="request_too_large"))
+
+        def too_large() -> Rejected:  # built only when needed: this runs for every request
+            return Rejected("too_large", error_response(
+                413, f"The request body exceeds {cap} bytes.", code="request_too_large"))
+
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > cap:
-            raise too_large
+            raise too_large()
         chunks: list[bytes] = []
 
         async def read() -> None:
@@ -135,11 +141,15 @@ class Admission:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > cap:
-                    raise too_large
+                    raise too_large()
                 chunks.append(chunk)
 
         try:
-            await asyncio.wait_for(read(), self.body_timeout_s)
+            if _timeout is not None:  # Python 3.11+: no extra task per request
+                async with _timeout(self.body_timeout_s):
+                    await read()
+            else:
+                await asyncio.wait_for(read(), self.body_timeout_s)
         except ClientDisconnect:
             raise Rejected("invalid", error_response(400, "The client went away.",
                                                      code="client_disconnected")) from None
