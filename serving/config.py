@@ -203,6 +203,9 @@ class ServerConfig(_Section):
     startup_timeout_s: float = Field(default=900.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     web_ui: bool = True
+    # The deployment's expected peak output tokens/s over all replicas (from a benchmark
+    # of its engines, or a published figure): `plan` sizes the ingress's relay with it.
+    expected_peak_output_tokens_per_s: int | None = Field(default=None, gt=0)
     # Whether /metrics needs an API key too (probes /health and /ready never do).
     metrics_require_key: bool = False
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -19,6 +19,9 @@ GIB = 1 << 30
 
 _DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 _FP8_ARCHS = {"ada", "hopper", "blackwell"}
+# SSE events/s one ingress process relays on one core: 1,024 streams at 50 tokens/s,
+# through/direct 0.75, 30.5 us of CPU per event (benchmarks/results/relay-2026-12-03).
+INGRESS_EVENTS_PER_S = 32_130
 
 
 class PlanError(Exception):
@@ -47,6 +50,9 @@ class Plan:
     max_seqs_at_max_len_per_replica: int
     total_kv_tokens: int
     lora_bytes_per_replica: int = 0
+    # The relay's load at the expected peak (None: server.expected_peak_output_tokens_per_s unset).
+    ingress_events_per_s: int | None = None
+    ingress_processes_needed: int | None = None
     arithmetic: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -157,6 +163,7 @@ def make_plan(
         raise PlanError(f"not even one sequence of max_model_len={max_len} fits the KV cache "
                         f"({kv_tokens} tokens); lower max_model_len or raise the KV budget")
 
+    events, processes = _ingress_load(cfg, lines, warnings)
     return Plan(
         model=facts.name, facts_from=facts.origin, device=device, dtype=dtype, gpus=n_gpus,
         tensor_parallel_size=tp_size, replicas=replicas, valid_tp_sizes=tp_choices,
@@ -165,8 +172,30 @@ def make_plan(
         kv_bytes_per_token_per_device=kv_per_token_dev, kv_cache_bytes_per_replica=kv_bytes,
         kv_tokens_per_replica=kv_tokens, max_model_len=max_len,
         max_seqs_at_max_len_per_replica=seqs, total_kv_tokens=kv_tokens * replicas,
-        lora_bytes_per_replica=lora_bytes, arithmetic=lines, warnings=warnings,
+        lora_bytes_per_replica=lora_bytes, ingress_events_per_s=events,
+        ingress_processes_needed=processes, arithmetic=lines, warnings=warnings,
     )
+
+
+def _ingress_load(cfg: DeploymentConfig, lines: list[str], warnings: list[str]) -> tuple[int | None, int | None]:
+    """SSE events/s the ingress relays at the expected peak, and the processes that takes."""
+    peak = cfg.server.expected_peak_output_tokens_per_s
+    if peak is None:
+        return None, None
+    interval = cfg.engine.stream_interval
+    # Streams dominate at peak; a stream's first token goes alone, so this errs low by
+    # one event per request.
+    events = -(-peak // interval)
+    processes = -(-events // INGRESS_EVENTS_PER_S)
+    lines.append(f"ingress events/s at peak = {peak:,} output tokens/s ÷ {interval} token(s) per event "
+                 f"(engine.stream_interval) = {events:,}; one ingress process relays "
+                 f"{INGRESS_EVENTS_PER_S:,} (measured, one core) → {processes} process(es)")
+    if processes > 1:
+        fits = -(-peak // INGRESS_EVENTS_PER_S)
+        warnings.append(f"at the expected peak the ingress must relay {events:,} events/s, more than "
+                        f"one process does ({INGRESS_EVENTS_PER_S:,}); set engine.stream_interval to "
+                        f"at least {fits} (tokens then reach readers in groups of {fits})")
+    return events, processes
 
 
 def _tp_reason(facts: ModelFacts, tp: int, n_gpus: int) -> str:
@@ -267,6 +296,8 @@ def format_plan(plan: Plan) -> str:
         f"KV per replica   {gib(plan.kv_cache_bytes_per_replica)} = {plan.kv_tokens_per_replica:,} tokens",
         f"max_model_len    {plan.max_model_len:,}: {plan.max_seqs_at_max_len_per_replica} full-length "
         f"sequences per replica, {plan.total_kv_tokens:,} KV tokens in all",
+        *([f"ingress          {plan.ingress_events_per_s:,} events/s at the expected peak: "
+           f"{plan.ingress_processes_needed} ingress process(es)"] if plan.ingress_events_per_s else []),
         "arithmetic:",
         *(f"  {line}" for line in plan.arithmetic),
     ]

@@ -127,3 +127,19 @@ def test_auto_dtype_on_gpu_is_left_to_vllm():
 
     assert engine_dtype("auto", "cuda", frozenset()) == "auto"
     assert engine_dtype("float32", "cpu", frozenset({"amx_bf16"})) == "float32"
+
+
+def test_plan_sizes_the_ingress_relay_from_the_expected_peak():
+    cfg = load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", environ={})
+    plan = make_plan(cfg, QWEN05)
+    peak = cfg.server.expected_peak_output_tokens_per_s
+    assert (plan.ingress_events_per_s, plan.ingress_processes_needed) == (-(-peak // 3), 1)
+    assert not [w for w in plan.warnings if "ingress" in w]
+    # One event per token: more than one process's measured relay rate, and the fix named.
+    one = make_plan(load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", ["engine.stream_interval=1"],
+                                environ={}), QWEN05)
+    assert one.ingress_events_per_s == peak and one.ingress_processes_needed == 3
+    (warning,) = [w for w in one.warnings if "ingress" in w]
+    assert "engine.stream_interval to at least 3" in warning
+    unknown = make_plan(load_config(CONFIGS / "local-cpu.yaml", environ={}), QWEN05, device="cpu")
+    assert unknown.ingress_events_per_s is None
