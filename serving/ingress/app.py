@@ -56,8 +56,26 @@ async def _forward_get(state: IngressState, path: str, route: str) -> Response:
         return finish(state, route, "other", started,
                        error_response(502, "The engine did not answer.", code="upstream_broken"))
     out_headers = {k: v for k in PASS_HEADERS if (v := headers.get(k))}
+    if path == "/v1/models" and status == 200:
+        content = _without_paths(content)
     return finish(state, route, "other", started,
                    Response(content, status_code=status, headers=out_headers))
+
+
+def _without_paths(models: bytes) -> bytes:
+    """vLLM's model list with each ``root`` (the folder it loaded) replaced by the model's id.
+
+    The folders are the server's file system (a home directory, a volume's mount
+    point); a client needs the names it can ask for, which ``id`` and ``parent`` are.
+    """
+    try:
+        doc = json.loads(models)
+        for model in doc["data"]:
+            if "root" in model:
+                model["root"] = model.get("id")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return models  # not the shape vLLM sends: pass it on untouched
+    return json.dumps(doc).encode()
 
 
 async def _probe(state: IngressState, replica: Replica) -> tuple[bool, str]:
