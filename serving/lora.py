@@ -94,9 +94,9 @@ def check_adapters(cfg: DeploymentConfig, facts: ModelFacts, dtype_bytes: int,
                    lines: list[str], warnings: list[str]) -> int:
     """Refuse adapters the slots cannot hold; the bytes vLLM reserves per replica."""
     adapters = cfg.model.adapters
-    if not adapters:
-        return 0
     eng = cfg.engine
+    if not adapters and not eng.runtime_lora:
+        return 0
     for name, adapter_cfg in sorted(adapters.items()):
         found = read_adapter(name, adapter_cfg)
         if found.rank is None:

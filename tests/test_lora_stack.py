@@ -13,8 +13,11 @@ and 0.43-0.54x for adapter requests, so the main stack stays on the default prof
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
+import psutil
 import pytest
 
 from benchmarks.stacks import ROOT, start_stack, stop_stack
@@ -26,10 +29,19 @@ ADAPTER = demo_adapter.DEMO_ADAPTER
 CONFIG = ROOT / "deploy" / "configs" / "local-cpu-lora.yaml"
 
 
+ADMIN_KEY = "lora-test-admin-key-5d2e8b"
+RUNTIME = "note-at-runtime"
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("lora")
+    (tmp / "admin-keys.txt").write_text(f"{ADMIN_KEY}\n")
     # serve trains the demo adapter first if no earlier test did (about 2 minutes).
-    started = start_stack(tmp_path_factory.mktemp("lora"), name="lora", config=CONFIG, timeout_s=900)
+    started = start_stack(tmp, "--set", "engine.runtime_lora=true",
+                          "--set", f"server.admin_keys_file={tmp / 'admin-keys.txt'}",
+                          "--set", f"server.state_dir={tmp / 'state'}",
+                          name="lora", config=CONFIG, timeout_s=900)
     try:
         yield started
     finally:
@@ -112,3 +124,54 @@ def test_an_unknown_adapter_name_is_404(client):
         client.chat.completions.create(model=f"{ADAPTER}-nope", max_tokens=2,
                                        messages=[{"role": "user", "content": "hi"}])
     assert err.value.body["code"] == "model_not_found" or "does not exist" in err.value.message
+
+
+def engine_pids(stack) -> set[int]:
+    out = set()
+    for proc in psutil.Process(stack.proc.pid).children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue  # exiting while we look
+        if "vllm.entrypoints.openai.api_server" in cmd and "serving.engine.supervise" not in cmd:
+            out.add(proc.pid)
+    return out
+
+
+def first_answer(client: openai.OpenAI, model: str) -> str:
+    messages = demo_adapter.load_messages(demo_adapter.EVAL_FILE)[0]
+    reply = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=8)
+    return reply.choices[0].message.content or ""
+
+
+def test_zz_an_adapter_loaded_at_runtime_survives_a_replica_restart(client, stack):
+    """Runs last here: it restarts the replica. The admin route loads the demo adapter under
+    a second name; a replica Ray starts in place of a killed one gets it before traffic."""
+    admin = {"authorization": f"Bearer {ADMIN_KEY}"}
+    put = httpx.put(f"{stack.base_url}/admin/adapters/{RUNTIME}", headers=admin, timeout=300,
+                    json={"source": demo_adapter.DEMO_ADAPTER_SOURCE})
+    assert put.status_code == 200 and put.json()["replicas"] == 1, put.text
+    assert first_answer(client, RUNTIME).startswith(demo_adapter.MARKER)
+    models = [m["id"] for m in httpx.get(f"{stack.base_url}/v1/models", timeout=30).json()["data"]]
+    assert RUNTIME in models
+
+    (victim,) = engine_pids(stack)
+    psutil.Process(victim).kill()
+    killed = time.monotonic()
+    while True:  # a new engine, registered and synced (/ready is 200 only after the sync)
+        assert time.monotonic() - killed < 600, stack.log_tail()
+        try:
+            ready = httpx.get(f"{stack.base_url}/ready", timeout=15)
+            pids = engine_pids(stack)
+            if ready.status_code == 200 and pids and victim not in pids:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    print(f"\nreplica back with the runtime adapter after {time.monotonic() - killed:.1f} s")
+    assert first_answer(client, RUNTIME).startswith(demo_adapter.MARKER)
+
+    deleted = httpx.delete(f"{stack.base_url}/admin/adapters/{RUNTIME}", headers=admin, timeout=60)
+    assert deleted.status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        first_answer(client, RUNTIME)

@@ -22,6 +22,9 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..config import ResponseCacheConfig
+from .adapters import STATE_FILE, RuntimeAdapters
+from .adapters import sync as sync_adapters
+from .admin import admin_routes
 from .admission import Admission, Rejected
 from .auth import KeysFile
 from .cache import RedisResponseCache, ResponseCache
@@ -88,6 +91,8 @@ async def _probe(state: IngressState, replica: Replica) -> tuple[bool, str]:
     once: its port refuses the connection.
     """
     timeout_s = state.settings.ready_timeout_s
+    if replica.joining:
+        return False, "loading adapters"
     if replica.answering_within(timeout_s):
         request, ok_detail = ("GET", f"{replica.url}/health", None), "serving"
     else:
@@ -142,7 +147,11 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
     state = IngressState(settings=settings, pool=pool, policy=make_policy(settings.policy),
                          metrics=metrics, admission=Admission(settings.limits, settings.api_keys,
                                                              settings.model, settings.body_timeout_s),
-                         cache=_make_cache(cache_config, metrics))
+                         cache=_make_cache(cache_config, metrics),
+                         runtime_adapters=RuntimeAdapters.open(
+                             settings.state_dir / STATE_FILE if settings.state_dir else None))
+    if settings.runtime_lora:
+        pool.on_join = lambda replica: sync_adapters(state, replica)
 
     def authorized(request: Request, route: str) -> Response | None:
         try:
@@ -209,8 +218,9 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
     async def startup() -> None:
         await state.upstream.start()
         pool.start()
-        if isinstance(settings.api_keys, KeysFile):
-            keys_watch.append(asyncio.get_running_loop().create_task(watch_keys(settings.api_keys)))
+        for keys in (settings.api_keys, settings.admin_keys):
+            if isinstance(keys, KeysFile):
+                keys_watch.append(asyncio.get_running_loop().create_task(watch_keys(keys)))
 
     async def shutdown() -> None:
         for task in keys_watch:
@@ -232,6 +242,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
         Route("/", index, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
+    routes += admin_routes(state)
     if WEB_DIR.is_dir():
         routes.append(Mount("/static", app=StaticFiles(directory=WEB_DIR), name="static"))
     @contextlib.asynccontextmanager

@@ -158,13 +158,13 @@ async def handle(request: Request, state: IngressState, path: str, route: str) -
         state.metrics.rejected.labels(rej.reason).inc()
         return finish(state, route, "other", started, rej.response)
     model = admitted.body.get("model") or state.settings.model
-    model_label = model if model in state.settings.served_models else "other"
+    model_label = state.model_label(model)
     key = None
     if state.cache is not None and route in ("chat", "completions"):
         if "no-cache" in request.headers.get("cache-control", "").lower():
             state.metrics.cache.labels("bypass").inc()
         else:
-            key = state.cache.key_for(route, admitted.body, state.settings.model_revision,
+            key = state.cache.key_for(route, admitted.body, state.answer_revision(model),
                                       scope=admitted.key_id or "")
             hit = await state.cache.get(key) if key else None
             if hit is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 logger = logging.getLogger("qwen_serve.pool")
@@ -18,6 +19,8 @@ logger = logging.getLogger("qwen_serve.pool")
 REGISTRY_MAX_AGE_S = 5.0
 # After a connection failure, skip the replica for this long (it is usually dead).
 DOWN_PENALTY_S = 3.0
+# A replica whose join step failed (e.g. an adapter did not load) tries again after this.
+JOIN_RETRY_S = 5.0
 
 
 @dataclass
@@ -30,10 +33,12 @@ class Replica:
     # When the engine last sent bytes for a request (monotonic). A replica busy with
     # work it is visibly doing is alive; a probe would only queue behind that work.
     answered_at: float = 0.0
+    # Joined, but not given traffic until the pool's join step (runtime adapters) is done.
+    joining: bool = False
 
     @property
     def available(self) -> bool:
-        return time.monotonic() >= self.down_until
+        return not self.joining and time.monotonic() >= self.down_until
 
     def mark_down(self) -> None:
         self.down_until = time.monotonic() + DOWN_PENALTY_S
@@ -53,6 +58,9 @@ class ReplicaPool:
         self._registry = registry
         self._replicas: dict[str, Replica] = {}
         self._task: asyncio.Task | None = None
+        # Run for each replica that joins before it gets traffic; True when it is done.
+        self.on_join: Callable[[Replica], Awaitable[bool]] | None = None
+        self._joins: set[asyncio.Task] = set()
 
     @property
     def replicas(self) -> list[Replica]:
@@ -70,11 +78,26 @@ class ReplicaPool:
             if known is not None and known.url == entry["url"]:
                 fresh[rid] = known
             else:
-                fresh[rid] = Replica(rid, entry["url"], entry["pid"])
+                fresh[rid] = replica = Replica(rid, entry["url"], entry["pid"])
                 logger.info("engine replica %s at %s joined", rid, entry["url"])
+                if self.on_join is not None:
+                    replica.joining = True
+                    task = asyncio.get_running_loop().create_task(self._join(replica))
+                    self._joins.add(task)
+                    task.add_done_callback(self._joins.discard)
         for rid in self._replicas.keys() - fresh.keys():
             logger.warning("engine replica %s left", rid)
         self._replicas = fresh
+
+    async def _join(self, replica: Replica) -> None:
+        while self._replicas.get(replica.replica_id) is replica:  # until it leaves
+            try:
+                if await self.on_join(replica):
+                    break
+            except Exception:  # noqa: BLE001 - retried; one replica must not stop the pool
+                logger.exception("join step for replica %s failed", replica.replica_id)
+            await asyncio.sleep(JOIN_RETRY_S)
+        replica.joining = False
 
     async def _run(self, period_s: float) -> None:
         while True:
@@ -88,6 +111,8 @@ class ReplicaPool:
         self._task = asyncio.get_running_loop().create_task(self._run(period_s))
 
     async def stop(self) -> None:
+        for task in list(self._joins):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 from ..config import LimitsConfig
+from .adapters import RuntimeAdapters
 from .admission import Admission
 from .auth import ApiKeys, KeysFile
 from .cache import RedisResponseCache, ResponseCache
@@ -37,6 +39,12 @@ class IngressSettings:
     tokens_per_event: int = 1
     # LoRA adapters the engines serve next to the base model (model names).
     adapters: tuple[str, ...] = ()
+    # Runtime adapters (admin.py): the admin keys, whether engines allow it, their
+    # slot size, and where the set is kept (None: not kept across restarts).
+    admin_keys: ApiKeys | KeysFile | None = None
+    runtime_lora: bool = False
+    max_lora_rank: int = 16
+    state_dir: Path | None = None
 
     @cached_property
     def served_models(self) -> frozenset[str]:
@@ -56,6 +64,20 @@ class IngressState:
     draining: bool = False
     ready_cache: tuple[float, int, dict] | None = None
     ready_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    runtime_adapters: RuntimeAdapters = field(default_factory=lambda: RuntimeAdapters(None))
+
+    def answer_revision(self, model: object) -> str:
+        """What the cache keys answers by: the deployment's weights, and for a runtime
+        adapter its source, so an adapter deleted or replaced never answers from the cache."""
+        source = self.runtime_adapters.adapters.get(model) if isinstance(model, str) else None
+        revision = self.settings.model_revision
+        return f"{revision};runtime:{model}={source}" if source is not None else revision
+
+    def model_label(self, model: object) -> str:
+        """The metrics label for a request's model: served names as they are, else "other"."""
+        if model in self.settings.served_models or model in self.runtime_adapters.adapters:
+            return model  # type: ignore[return-value]
+        return "other"
 
     @property
     def in_flight(self) -> int:
