@@ -115,6 +115,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     except OSError as exc:
         raise ServeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
                          f"{exc.strerror or exc}") from None
+    _start_reaper()
     try:
         _start_ray(cfg, plan, address)
         serve.start(proxy_location="Disabled")
@@ -219,6 +220,14 @@ async def _drain(state, server: uvicorn.Server, timeout_s: float) -> None:
             break
         await asyncio.sleep(0.1)
     server.should_exit = True
+
+
+def _start_reaper() -> None:
+    """The watcher that stops this process's descendants if it dies unannounced (reaper.py)."""
+    import subprocess
+
+    subprocess.Popen([sys.executable, "-m", "serving.reaper", str(os.getpid())],
+                     stdin=subprocess.DEVNULL)
 
 
 def _shutdown_ray() -> None:

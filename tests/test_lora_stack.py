@@ -175,3 +175,19 @@ def test_zz_an_adapter_loaded_at_runtime_survives_a_replica_restart(client, stac
     assert deleted.status_code == 200
     with pytest.raises(openai.NotFoundError):
         first_answer(client, RUNTIME)
+
+
+def test_zzz_sigkill_to_the_main_process_alone_leaves_no_process(stack):
+    """Runs last: the stack's main process dies without a chance to clean up (the OOM
+    killer picks one process, not a group); Ray and the engine must go by themselves."""
+    from benchmarks.stacks import leftovers, stack_processes
+
+    family = stack_processes(stack)
+    assert engine_pids(stack)
+    signalled = time.monotonic()
+    stack.proc.kill()
+    stack.proc.wait(30)
+    left = leftovers(family, 60)
+    print(f"\nSIGKILL to the main process: {len(family)} processes, left: {len(left)} "
+          f"({time.monotonic() - signalled:.1f} s until none was left)")
+    assert not left, left
