@@ -54,7 +54,7 @@ def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = 
 
 
 def start_stack(log_dir: Path, *extra: str, name: str = "stack", timeout_s: float = 600,
-                config: Path = DEFAULT_CONFIG) -> Stack:
+                config: Path = DEFAULT_CONFIG, env: dict[str, str] | None = None) -> Stack:
     """Start `qwen-serve serve` with ``--set`` overrides in ``extra``; wait until /ready is 200."""
     log_path = Path(log_dir) / f"{name}.log"
     log = log_path.open("wb")
@@ -63,6 +63,7 @@ def start_stack(log_dir: Path, *extra: str, name: str = "stack", timeout_s: floa
             [sys.executable, "-m", "serving", "serve", "--config", str(config),
              "--host", "127.0.0.1", "--port", str(port), *extra],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
         stack = Stack(f"http://127.0.0.1:{port}", "smollm2-135m-instruct", None, proc, log_path)
         try:

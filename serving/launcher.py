@@ -21,7 +21,7 @@ import uvicorn
 from . import ports
 from .config import DeploymentConfig
 from .embedded_model import cache_root
-from .engine_args import build_engine_launch
+from .engine_args import EngineLaunch, build_engine_launch
 from .ingress.http_protocol import header_bounded
 from .modelinfo import ModelFacts
 from .plan import Plan
@@ -102,7 +102,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     from .ingress.auth import ApiKeyError, KeysFile
     from .ingress.pool import ReplicaPool
 
-    launch = build_engine_launch(cfg, facts, plan.device)
+    launch, engine_key = _guarded(build_engine_launch(cfg, facts, plan.device))
     try:  # a bad keys file must fail before anything starts
         keys = KeysFile(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
         admin_keys = KeysFile(cfg.server.admin_keys_file) if cfg.server.admin_keys_file else None
@@ -140,6 +140,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             runtime_lora=cfg.engine.runtime_lora,
             max_lora_rank=cfg.engine.max_lora_rank,
             state_dir=Path(cfg.server.state_dir) if cfg.server.state_dir else cache_root() / "state",
+            engine_key=engine_key,
         )
         app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress
@@ -220,6 +221,18 @@ async def _drain(state, server: uvicorn.Server, timeout_s: float) -> None:
             break
         await asyncio.sleep(0.1)
     server.should_exit = True
+
+
+def _guarded(launch: EngineLaunch) -> tuple[EngineLaunch, str]:
+    """The launch with the engines' credential (engine/guard.py), and the credential."""
+    import dataclasses
+    import secrets
+
+    from .engine import guard
+
+    key = os.environ.get(guard.ENV) or secrets.token_urlsafe(32)
+    return dataclasses.replace(launch, argv=[*launch.argv, "--middleware", guard.MIDDLEWARE],
+                               env={**launch.env, guard.ENV: key}), key
 
 
 def _start_reaper() -> None:

@@ -34,6 +34,7 @@ import pytest
 
 from benchmarks.stacks import leftovers, stack_processes
 from conftest import Stack, start_stack, stop_stack
+from serving.engine import guard
 
 pytestmark = pytest.mark.stack
 
@@ -46,6 +47,7 @@ TOKENS_PER_MINUTE = 1_000_000
 MAX_BODY_BYTES = 65536
 MAX_MODEL_LEN = 8192  # deploy/configs/local-cpu.yaml
 DRAIN_TIMEOUT_S = 60
+ENGINE_KEY = "rel-test-engine-key-0c1d9e"  # what the guarded stack's engines accept
 RESULTS = Path(os.environ.get("QWEN_SERVE_RELIABILITY_RESULTS", "/tmp/qwen-serve-reliability.json"))
 
 
@@ -77,7 +79,10 @@ def guarded(tmp_path_factory) -> Stack:
         yield Stack(url.rstrip("/"), "smollm2-135m-instruct", KEY_PLAIN, None, Path(log) if log else None)
         return
     tmp = tmp_path_factory.mktemp("guarded")
-    stack = start_stack(tmp, *guarded_args(write_keys(tmp)), name="guarded")
+    # A known engine key (instead of one generated per start) lets the second ingress
+    # below reach these engines, as a second ingress of a deployment would.
+    stack = start_stack(tmp, *guarded_args(write_keys(tmp)), name="guarded",
+                        env={guard.ENV: ENGINE_KEY})
     stack.api_key = KEY_PLAIN
     try:
         yield stack
@@ -222,6 +227,26 @@ def test_keys_are_not_in_metrics(guarded):
     for secret in (KEY_PLAIN, KEY_HASHED, DIGEST_OF_HASHED):
         assert secret not in text
     assert metric_sum(text, 'qwen_serve_rejected_requests_total{reason="unauthorized"}') >= 35
+
+
+ENGINE_ROUTES = [("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+                 ("POST", "/tokenize", {"prompt": "Hello world"}), ("GET", "/metrics", None),
+                 ("GET", "/v1/models", None), ("GET", "/health", None), ("GET", "/load", None)]
+
+
+@pytest.mark.parametrize("method, path, body", ENGINE_ROUTES, ids=[p for _, p, _ in ENGINE_ROUTES])
+def test_engines_refuse_callers_that_skip_the_ingress(guarded, method, path, body):
+    """An engine's port is reachable, but a direct caller would skip keys, limits and bounds."""
+    ports = list(engine_pids(guarded))
+    assert len(ports) == REPLICAS
+    for port in ports:
+        url = f"http://127.0.0.1:{port}{path}"
+        for headers in ({}, auth(KEY_PLAIN), {guard.HEADER: "not-the-engine-key"}):
+            resp = httpx.request(method, url, json=body, headers=headers, timeout=30)
+            assert resp.status_code == 401, (path, headers, resp.text)
+            assert openai_error(resp)["code"] == "engine_key_required"
+        assert httpx.request(method, url, json=body, headers=guard.headers(ENGINE_KEY),
+                             timeout=60).status_code == 200
 
 
 # --- 2/3. limits ----------------------------------------------------------------
@@ -607,7 +632,8 @@ def second_ingress(guarded, extra_entries: tuple[dict, ...] = (),
                for port, pid in engine_pids(guarded).items()]
     assert len(entries) == REPLICAS
     entries += extra_entries
-    app = build_app(IngressSettings(model=guarded.model, expected_replicas=len(entries), **settings),
+    app = build_app(IngressSettings(model=guarded.model, expected_replicas=len(entries),
+                                    engine_key=ENGINE_KEY, **settings),
                     ReplicaPool(_FixedRegistry(entries)))
     sock = bind_reusable("127.0.0.1")
     port = sock.getsockname()[1]
@@ -640,7 +666,8 @@ def short_deadline_ingress(guarded):
 
 
 def engines_running(entries: list[dict]) -> float:
-    return sum(metric_sum(httpx.get(f"{e['url']}/metrics", timeout=30).text, "vllm:num_requests_running")
+    return sum(metric_sum(httpx.get(f"{e['url']}/metrics", timeout=30, headers=guard.headers(ENGINE_KEY)).text,
+                          "vllm:num_requests_running")
                for e in entries)
 
 

@@ -20,7 +20,7 @@ from ray import serve
 
 from .. import ports
 from ..engine_args import EngineLaunch
-from . import autoscaling, process
+from . import autoscaling, guard, process
 from .registry import get_registry
 
 logger = logging.getLogger("ray.serve")
@@ -38,6 +38,7 @@ class EngineReplica:
             # Bound to all interfaces (replicas on several nodes): advertise this node's IP.
             advertise = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
             self.url = f"http://{advertise}:{self.port}"
+            self._headers = guard.headers(launch.env.get(guard.ENV))
             env = {**os.environ, **launch.env_for_replica(rank, ctx.world_size)}
             env = {k: v for k, v in env.items() if v != ""}
             cmd = launch.command(host, self.port)
@@ -55,7 +56,7 @@ class EngineReplica:
 
     def _wait_until_healthy(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=2.0) as client:
+        with httpx.Client(timeout=2.0, headers=self._headers) as client:
             while time.monotonic() < deadline:
                 code = self.proc.poll()
                 if code is not None:
@@ -82,14 +83,14 @@ class EngineReplica:
         code = self.proc.poll()
         if code is not None:
             raise RuntimeError(f"engine process exited with code {code}")
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with httpx.AsyncClient(timeout=5.0, headers=self._headers) as client:
             resp = await client.get(f"{self.url}/health")
         if resp.status_code != 200:
             raise RuntimeError(f"engine /health answered {resp.status_code}")
 
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve polls this for the autoscaling policy (see autoscaling.py)."""
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with httpx.AsyncClient(timeout=5.0, headers=self._headers) as client:
             text = (await client.get(f"{self.url}/metrics")).text
         return {autoscaling.METRIC: autoscaling.engine_requests(text)}
 

@@ -22,6 +22,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..config import ResponseCacheConfig
+from ..engine import guard as engine_guard
 from .adapters import STATE_FILE, RuntimeAdapters
 from .adapters import sync as sync_adapters
 from .admin import admin_routes
@@ -34,7 +35,7 @@ from .pipeline import PASS_HEADERS, finish, handle
 from .pool import Replica, ReplicaPool
 from .routing import make_policy
 from .state import IngressSettings, IngressState
-from .upstream import UpstreamError
+from .upstream import Upstream, UpstreamError
 
 __all__ = ["IngressSettings", "IngressState", "build_app"]
 
@@ -148,6 +149,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
                          metrics=metrics, admission=Admission(settings.limits, settings.api_keys,
                                                              settings.model, settings.body_timeout_s),
                          cache=_make_cache(cache_config, metrics),
+                         upstream=Upstream(headers=engine_guard.headers(settings.engine_key)),
                          runtime_adapters=RuntimeAdapters.open(
                              settings.state_dir / STATE_FILE if settings.state_dir else None))
     if settings.runtime_lora:

@@ -45,6 +45,8 @@ class IngressSettings:
     runtime_lora: bool = False
     max_lora_rank: int = 16
     state_dir: Path | None = None
+    # The engines' credential (serving/engine/guard.py); None: engines run unguarded.
+    engine_key: str | None = None
 
     @cached_property
     def served_models(self) -> frozenset[str]:

@@ -60,9 +60,11 @@ def classify(exc: BaseException) -> UpstreamError | None:
 class Upstream:
     """One pooled aiohttp session to every replica, opened and closed with the app."""
 
-    def __init__(self, connect_timeout_s: float = 2.0, keepalive_s: float = 30.0) -> None:
+    def __init__(self, connect_timeout_s: float = 2.0, keepalive_s: float = 30.0,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
+        self.headers = dict(headers or {})  # sent with every request (the engine key)
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -71,6 +73,7 @@ class Upstream:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=self.keepalive_s)
         self._session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent",),
+            headers=self.headers,
             timeout=aiohttp.ClientTimeout(sock_connect=self.connect_timeout_s))
 
     async def aclose(self) -> None:
