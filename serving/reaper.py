@@ -21,6 +21,8 @@ import time
 
 import psutil
 
+from .stopping import terminate_then_kill
+
 POLL_S = 1.0
 GRACE_S = 10.0
 
@@ -62,18 +64,7 @@ def watch(pid: int) -> int:
         except psutil.NoSuchProcess:
             break
         time.sleep(POLL_S)
-    left = _alive(known)
-    for proc in left:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, still = psutil.wait_procs(left, timeout=GRACE_S)
-    for proc in still:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    terminate_then_kill(_alive(known), GRACE_S)
     return 0
 
 

@@ -25,6 +25,8 @@ import time
 
 import psutil
 
+from ..stopping import terminate_then_kill
+
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_PDEATHSIG = 1
 
@@ -35,19 +37,8 @@ def _stop_with_parent() -> None:  # runs in the child between fork and exec
 
 def _terminate_all(grace_s: float) -> None:
     me = psutil.Process()
-    procs = me.children(recursive=True)
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    # Orphans re-parented to us while we waited are caught by a second sweep.
-    for p in alive + me.children(recursive=True):
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
+    # Orphans re-parented to us while we waited are caught by a second sweep (also).
+    terminate_then_kill(me.children(recursive=True), grace_s, also=lambda: me.children(recursive=True))
     psutil.wait_procs(me.children(recursive=True), timeout=5)
 
 
