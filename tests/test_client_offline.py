@@ -262,10 +262,12 @@ def test_extract_sends_json_schema_and_retries_once(scripted):
     srv = scripted(answers(('{"n": 9}', "stop"), ('{"n": 4}', "stop")))
     got = extract_json("four", SCHEMA, base_url=srv.url)
     assert got.value == {"n": 4} and got.attempts == 2
-    body = next(b for p, b, _ in srv.requests if p.startswith("/v1/chat"))
+    body, retry = [b for p, b, _ in srv.requests if p.startswith("/v1/chat")]
     rf = body["response_format"]
     assert rf["type"] == "json_schema" and rf["json_schema"]["schema"] == SCHEMA
     assert rf["json_schema"]["strict"] is True and body["temperature"] == 0.3
+    # The retry decodes greedily: resampling repeats sampling's accidents (extract.py).
+    assert retry["temperature"] == 0.0 and retry["response_format"] == rf
 
 
 def test_extract_refuses_control_characters_strictly(scripted):
