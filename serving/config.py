@@ -166,6 +166,8 @@ class ResponseCacheConfig(_Section):
 
 class RouterConfig(_Section):
     policy: RoutingPolicy = "power_of_two"
+    # A LoRA adapter's requests prefer replicas that hold it (ingress/adapter_routing.py).
+    adapter_affinity: bool = True
     autoscaling: AutoscalingConfig | None = None
     response_cache: ResponseCacheConfig = Field(default_factory=ResponseCacheConfig)
 

@@ -139,6 +139,8 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             admin_keys=admin_keys,
             runtime_lora=cfg.engine.runtime_lora,
             max_lora_rank=cfg.engine.max_lora_rank,
+            adapter_affinity=cfg.router.adapter_affinity,
+            lora_slots=cfg.engine.max_loras,
             state_dir=Path(cfg.server.state_dir) if cfg.server.state_dir else cache_root() / "state",
             engine_key=engine_key,
         )

@@ -23,6 +23,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..config import ResponseCacheConfig
 from ..engine import guard as engine_guard
+from .adapter_routing import AdapterPlacement
 from .adapters import STATE_FILE, RuntimeAdapters
 from .adapters import sync as sync_adapters
 from .admin import admin_routes
@@ -151,7 +152,9 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
                          cache=_make_cache(cache_config, metrics),
                          upstream=Upstream(headers=engine_guard.headers(settings.engine_key)),
                          runtime_adapters=RuntimeAdapters.open(
-                             settings.state_dir / STATE_FILE if settings.state_dir else None))
+                             settings.state_dir / STATE_FILE if settings.state_dir else None),
+                         placement=AdapterPlacement(settings.lora_slots)
+                         if settings.adapter_affinity else None)
     if settings.runtime_lora:
         pool.on_join = lambda replica: sync_adapters(state, replica)
 

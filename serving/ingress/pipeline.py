@@ -85,6 +85,7 @@ class RequestContext:
     path: str  # the engine's route
     admitted: Admitted
     model_label: str
+    adapter: str | None  # the LoRA adapter the request names, if any
     started: float  # perf_counter() at arrival
     deadline: Deadline
     cache_key: str | None = None
@@ -135,7 +136,7 @@ class AtCapacity(Exception):
     pass
 
 
-def choose(state: IngressState, text: str, exclude: set[str]) -> Replica:
+def choose(state: IngressState, text: str, adapter: str | None, exclude: set[str]) -> Replica:
     candidates = [r for r in state.pool.available() if r.replica_id not in exclude]
     if not candidates:
         raise NoReplica
@@ -146,7 +147,11 @@ def choose(state: IngressState, text: str, exclude: set[str]) -> Replica:
         candidates = [r for r in candidates if r.in_flight < limits.max_in_flight_per_replica]
         if not candidates:
             raise AtCapacity
-    return state.policy.choose(candidates, text)
+    if state.placement is None:
+        return state.policy.choose(candidates, text)
+    replica = state.policy.choose(state.placement.candidates(candidates, adapter), text)
+    state.placement.served(replica, adapter)
+    return replica
 
 
 async def handle(request: Request, state: IngressState, path: str, route: str) -> Response:
@@ -175,7 +180,7 @@ async def handle(request: Request, state: IngressState, path: str, route: str) -
     headers = {"content-type": "application/json"}
     if rid := request.headers.get("x-request-id"):
         headers["x-request-id"] = rid
-    ctx = RequestContext(route, path, admitted, model_label, started,
+    ctx = RequestContext(route, path, admitted, model_label, state.adapter_of(model), started,
                          Deadline(state.settings.request_timeout_s), key, headers)
     # Until an answer starts, race the engine against the deadline and the client
     # leaving; cancelling the wait closes the engine connection, which aborts it.
@@ -233,7 +238,7 @@ async def _open(state: IngressState, ctx: RequestContext) -> tuple[Lease, aiohtt
     broken_once = False
     while True:
         try:
-            replica = choose(state, admitted.prompt_text, tried)
+            replica = choose(state, admitted.prompt_text, ctx.adapter, tried)
         except NoReplica:
             state.admission.refund(admitted)  # no engine saw it: the retry is not charged twice
             return finish(state, route, label, started, error_response(

@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 logger = logging.getLogger("qwen_serve.pool")
 
@@ -35,6 +36,9 @@ class Replica:
     answered_at: float = 0.0
     # Joined, but not given traffic until the pool's join step (runtime adapters) is done.
     joining: bool = False
+    # Adapters this replica was last given requests for, least recent first; the
+    # ingress's view of the engine's LoRA slots (adapter_routing.py keeps it).
+    recent_adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     @property
     def available(self) -> bool:

@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..config import LimitsConfig
+from .adapter_routing import AdapterPlacement
 from .adapters import RuntimeAdapters
 from .admission import Admission
 from .auth import ApiKeys, KeysFile
@@ -45,6 +46,9 @@ class IngressSettings:
     runtime_lora: bool = False
     max_lora_rank: int = 16
     state_dir: Path | None = None
+    # Adapter requests prefer replicas holding the adapter; engine.max_loras slots each.
+    adapter_affinity: bool = True
+    lora_slots: int = 1
     # The engines' credential (serving/engine/guard.py); None: engines run unguarded.
     engine_key: str | None = None
 
@@ -67,6 +71,7 @@ class IngressState:
     ready_cache: tuple[float, int, dict] | None = None
     ready_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     runtime_adapters: RuntimeAdapters = field(default_factory=lambda: RuntimeAdapters(None))
+    placement: AdapterPlacement | None = None
 
     def answer_revision(self, model: object) -> str:
         """What the cache keys answers by: the deployment's weights, and for a runtime
@@ -74,6 +79,12 @@ class IngressState:
         source = self.runtime_adapters.adapters.get(model) if isinstance(model, str) else None
         revision = self.settings.model_revision
         return f"{revision};runtime:{model}={source}" if source is not None else revision
+
+    def adapter_of(self, model: object) -> str | None:
+        """``model`` if it names a LoRA adapter (static or runtime), else None."""
+        if model in self.settings.adapters or model in self.runtime_adapters.adapters:
+            return model  # type: ignore[return-value]
+        return None
 
     def model_label(self, model: object) -> str:
         """The metrics label for a request's model: served names as they are, else "other"."""
