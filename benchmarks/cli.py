@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--compare", nargs=2, metavar=("URL_A", "URL_B"),
                    help="A/B mode: same requests against both, interleaved; prints B/A")
     t.add_argument("--model", help="model name (default: first of /v1/models, per server)")
+    t.add_argument("--compare-models", nargs=2, metavar=("MODEL_A", "MODEL_B"),
+                   help="A/B mode between two models (e.g. the base and a LoRA adapter) on "
+                        "the one server, or on URL_A and URL_B with --compare")
     t.add_argument("--api-key", default=None,
                    help="bearer key (default: $QWEN_SERVE_API_KEY or $OPENAI_API_KEY)")
     t.add_argument("--endpoint", choices=("chat", "completions"),
@@ -99,9 +102,10 @@ def _shapes(args: argparse.Namespace) -> list[LoadShape]:
     return [LoadShape(concurrency=conc, rate=rate, burstiness=args.burstiness)]
 
 
-def _target(url: str, args, endpoint: str, headers: dict[str, str]) -> tuple[Target, dict]:
+def _target(url: str, model: str | None, args, endpoint: str,
+            headers: dict[str, str]) -> tuple[Target, dict]:
     url = url.rstrip("/")
-    model = args.model or environment.first_model(url, headers)
+    model = model or environment.first_model(url, headers)
     if args.ignore_eos == "on":
         ignore = True
     elif args.ignore_eos == "off" or args.workload not in LENGTH_CONTROLLED:
@@ -133,16 +137,25 @@ def run(args: argparse.Namespace) -> int:
         os.environ.get("OPENAI_API_KEY")
     headers = {"Authorization": f"Bearer {args._api_key}"} if args._api_key else {}
     endpoint = args.endpoint or default_endpoint(args.workload)
-    urls = {"A": args.compare[0], "B": args.compare[1]} if args.compare else \
-        {"A": resolve_url(args)}
+    if args.model and args.compare_models:
+        print("error: --model and --compare-models name the model twice; use one",
+              file=sys.stderr)
+        return 2
+    compare = bool(args.compare or args.compare_models)
+    if args.compare:
+        urls = {"A": args.compare[0], "B": args.compare[1]}
+    else:
+        urls = {k: resolve_url(args) for k in ("AB" if compare else "A")}
+    models = dict(zip("AB", args.compare_models)) if args.compare_models else \
+        {k: args.model for k in urls}
     try:
-        resolved = {k: _target(u, args, endpoint, headers) for k, u in urls.items()}
+        resolved = {k: _target(u, models[k], args, endpoint, headers) for k, u in urls.items()}
     except (httpx.HTTPError, RuntimeError) as exc:
         print(f"error: cannot reach server: {exc}", file=sys.stderr)
         return 2
     targets = {k: v[0] for k, v in resolved.items()}
     infos = {k: v[1] for k, v in resolved.items()}
-    if args.compare:
+    if compare:
         # Identical requests on both sides: ignore_eos only if both accept it.
         both = all(t.ignore_eos for t in targets.values())
         targets = {k: dataclasses.replace(t, ignore_eos=both) for k, t in targets.items()}
@@ -179,8 +192,10 @@ def run(args: argparse.Namespace) -> int:
         "tokenizer_exact": tok.exact if tok else None,
         "seed": args.seed, "warmup": args.warmup, "max_duration": args.max_duration,
         "request_timeout": args.request_timeout, "slo_ms": slo,
-        "shapes": [s.to_json() for s in shapes], "model": targets["A"].model,
-        "temperature": args.temperature, "repeats": args.repeats if args.compare else None,
+        "shapes": [s.to_json() for s in shapes],
+        "model": targets["A"].model if not args.compare_models else None,
+        "models": {k: t.model for k, t in targets.items()} if args.compare_models else None,
+        "temperature": args.temperature, "repeats": args.repeats if compare else None,
         "argv": sys.argv[1:],
     }
     if tok is not None and not tok.exact:
@@ -190,16 +205,17 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup, seed=args.seed, progress=not args.no_progress, slo_ms=slo,
     )
     env = environment.machine()
-    label = args.label or (f"compare-{args.workload}" if args.compare else args.workload)
+    label = args.label or (f"compare-{args.workload}" if compare else args.workload)
     out_dir = Path(args.output_dir) if args.output_dir else (
         Path(__file__).resolve().parent / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}-{label}")
 
-    if args.compare:
+    if compare:
         levels = run_compare(specs, targets, shapes, settings, args.repeats, log=log)
         doc = compare_document(config, env, infos, levels, args.save_text)
         md = compare_markdown(config, env, infos, levels)
         flat = [r for cl in levels for r in cl.runs]
-        names = {"A": f"A {urls['A']}", "B": f"B {urls['B']}"}
+        names = {k: f"{k} {t.model} {t.base_url}" if args.compare_models else f"{k} {urls[k]}"
+                 for k, t in targets.items()}
     else:
         flat, stop = run_sweep(specs, targets["A"], shapes, settings,
                                StopRule(args.max_error_rate, args.min_slo_attainment), log=log)
@@ -214,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
         from .plots import write_plots
 
         write_plots(flat, out_dir, names)
-    if args.compare:
+    if compare:
         section = md.split("## Every run")[0].split("## Ratio")[1]
         log("Ratio" + section.rstrip())
     log(f"results: {out_dir}")

@@ -138,8 +138,8 @@ def run_markdown(config, environment, targets, levels: list[LevelResult], stop_r
 
 def compare_markdown(config, environment, targets, levels: list[CompareLevel]) -> str:
     out = ["# A/B comparison", "",
-           f"- A: {targets['A'].get('base_url')}  ",
-           f"- B: {targets['B'].get('base_url')}", ""]
+           f"- A: {targets['A'].get('base_url')} model {targets['A'].get('model')}  ",
+           f"- B: {targets['B'].get('base_url')} model {targets['B'].get('model')}", ""]
     out += _config_lines(config) + _env_lines(environment)
     out += [f"- repeats per level: {config.get('repeats')}, order alternates A B / B A", ""]
     out += ["## Ratio B/A (median over repeats, [min – max])", ""]

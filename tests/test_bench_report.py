@@ -65,6 +65,8 @@ def test_cli_rejects_bad_arguments_without_traffic(capsys):
     assert main(["--url", "http://127.0.0.1:9", "--sweep", "qps=1"]) == 2
     assert main(["--url", "http://127.0.0.1:9", "-n", "1"]) == 2  # unreachable server
     assert "cannot reach" in capsys.readouterr().err
+    assert main(["--url", "http://127.0.0.1:9", "--model", "a", "--compare-models", "a", "b"]) == 2
+    assert "--compare-models" in capsys.readouterr().err
 
 
 def test_register_adds_bench_subcommand():
