@@ -13,6 +13,7 @@ and 0.43-0.54x for adapter requests, so the main stack stays on the default prof
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -20,6 +21,7 @@ import openai
 import psutil
 import pytest
 
+from benchmarks.cli import main
 from benchmarks.stacks import ROOT, start_stack, stop_stack
 from serving import demo_adapter
 
@@ -95,10 +97,41 @@ def test_adapter_requests_are_their_own_metrics_series(client, stack):
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
+    def tokens(model: str) -> dict[str, float]:
+        text = httpx.get(f"{stack.base_url}/metrics", timeout=30,
+                         headers={"authorization": f"Bearer {stack.api_key}"} if stack.api_key else {}).text
+        return {kind: sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                          if line.startswith("qwen_serve_tokens_total{") and f'model="{model}"' in line
+                          and f'kind="{kind}"' in line) for kind in ("prompt", "completion")}
+
     before = served(ADAPTER), served(stack.model)
-    client.chat.completions.create(model=ADAPTER, max_tokens=2,
-                                   messages=[{"role": "user", "content": "Name a colour."}])
+    tokens_before = tokens(ADAPTER), tokens(stack.model)
+    reply = client.chat.completions.create(model=ADAPTER, max_tokens=2,
+                                           messages=[{"role": "user", "content": "Name a colour."}])
     assert served(ADAPTER) == before[0] + 1 and served(stack.model) == before[1]
+    # The engine's usage counts, on the adapter's series only.
+    after = tokens(ADAPTER)
+    assert after["prompt"] - tokens_before[0]["prompt"] == reply.usage.prompt_tokens
+    assert after["completion"] - tokens_before[0]["completion"] == reply.usage.completion_tokens
+    assert tokens(stack.model) == tokens_before[1]
+
+
+def test_the_benchmark_compares_the_adapter_with_the_base(stack, tmp_path):
+    key = ["--api-key", stack.api_key] if stack.api_key else []
+    out = tmp_path / "ab"
+    code = main(["--url", stack.base_url, "--compare-models", stack.model, ADAPTER, *key,
+                 "--workload", "synthetic", "--input-len", "16", "--output-len", "4",
+                 "--concurrency", "2", "-n", "4", "--repeats", "1", "--max-duration", "120",
+                 "--output-dir", str(out), "--no-progress", "--no-plots"])
+    assert code == 0
+    doc = json.loads((out / "result.json").read_text())
+    assert doc["config"]["models"] == {"A": stack.model, "B": ADAPTER}
+    runs = {r["target"]: r for r in doc["levels"][0]["runs"]}
+    for target, model in (("A", stack.model), ("B", ADAPTER)):
+        assert runs[target]["summary"]["completed"] == 4, target
+        assert doc["targets"][target]["model"] == model
+    assert doc["levels"][0]["ratios_b_over_a"]["output_throughput"]["median"] > 0
+    assert f"model {ADAPTER}" in (out / "report.md").read_text()
 
 
 def test_the_cache_keeps_the_adapter_and_the_base_apart(stack):

@@ -37,7 +37,8 @@ async def engine_completions(request: web.Request) -> web.StreamResponse:
         # The readiness probe's one token waits as if queued behind a full batch.
         await asyncio.sleep(BUSY_PROBE_S if act == "ping" else float(body.get("sleep", 0)))
         return web.json_response({"object": "text_completion", "choices": [{"text": "x"}],
-                                  "usage": {"total_tokens": 3}})
+                                  "usage": {"prompt_tokens": 2, "completion_tokens": 1,
+                                            "total_tokens": 3}})
     resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await resp.prepare(request)
     if act == "die":
@@ -126,7 +127,7 @@ async def test_answers_and_their_statuses(engine):
             ok = await c.post("/v1/completions", json={"prompt": "a", "stream": True, "max_tokens": 4})
             assert ok.text.count("data: {") == 4 and ok.text.endswith("data: [DONE]\n\n")
             plain = await c.post("/v1/completions", json={"prompt": "a"})
-            assert plain.json()["usage"] == {"total_tokens": 3}
+            assert plain.json()["usage"]["total_tokens"] == 3
             died = await c.post("/v1/completions", json={"prompt": "die", "stream": True})
             last = [e for e in died.text.split("\n\n") if e.startswith("data: {")][-1]
             assert json.loads(last[6:])["error"]["code"] == "upstream_broken"
@@ -139,6 +140,35 @@ async def test_answers_and_their_statuses(engine):
         # A stream's headers said 200; what the operator sees is how it ended.
         assert statuses(state) == {"200": 2, "502": 1, "504": 2}
         assert in_flight(state) == 0
+
+
+def tokens(state) -> dict[tuple[str, str], float]:
+    out = {}
+    for line in state.metrics.render().decode().splitlines():
+        if line.startswith("qwen_serve_tokens_total{"):
+            labels, value = line.rsplit(" ", 1)
+            model = labels.split('model="')[1].split('"')[0]
+            kind = labels.split('kind="')[1].split('"')[0]
+            out[(model, kind)] = float(value)
+    return out
+
+
+async def test_tokens_are_counted_per_model_adapters_apart(engine):
+    async with ingress([engine, engine], adapters=("note",)) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            for model in ("note", "m"):  # an adapter's stream, the base's plain answer
+                stream = model == "note"
+                resp = await c.post("/v1/completions", json={
+                    "model": model, "prompt": "a" * 40, "stream": stream, "max_tokens": 6})
+                assert resp.status_code == 200
+        # The adapter: the admission's prompt estimate, one token per event (no usage event);
+        # the base: the engine's usage counts.
+        counted = tokens(state)
+        assert counted[("note", "completion")] == 6 and counted[("note", "prompt")] > 0
+        assert counted[("m", "prompt")] == 2 and counted[("m", "completion")] == 1
+        # The replica that served the adapter is now the one its next request prefers.
+        holders = [r.replica_id for r in state.pool.replicas if "note" in r.recent_adapters]
+        assert len(holders) == 1
 
 
 async def test_a_refused_replica_is_skipped_and_the_request_served(engine):

@@ -26,7 +26,8 @@ from serving.ingress.admission import Admission, Rejected
 from serving.ingress.auth import ApiKeyError, ApiKeys, bearer_token, key_id
 from serving.ingress.limits import KeyLimiter, TokenBucket
 from serving.ingress.shape import estimate_tokens
-from serving.ingress.usage import StreamUsage, total_tokens, total_tokens_of_body
+from serving.ingress.usage import (StreamEvents, StreamUsage, TokenCounts, token_counts,
+                                   token_counts_of_body, total_tokens, total_tokens_of_body)
 
 PLAIN, HASHED = "sk-plain-0123456789", "sk-hashed-9876543210"
 
@@ -434,6 +435,43 @@ def test_a_stream_of_grouped_tokens_is_never_charged_less_than_it_made():
     for event in chat:
         meter.feed(event)
     assert 12 + made <= meter.total_tokens() <= 12 + made + 4 * 3
+
+
+def test_token_counts_come_from_usage_or_are_estimated_from_events():
+    assert token_counts({"usage": {"prompt_tokens": 3, "completion_tokens": 9}}) == \
+        TokenCounts(3, 9, reported=True)
+    for bad in ({}, {"usage": None}, {"usage": {"prompt_tokens": 3}},
+                {"usage": {"prompt_tokens": True, "completion_tokens": 1}}):
+        assert token_counts(bad) is None
+    answer = {"choices": [{"text": 'a "usage": {"prompt_tokens": 1} in the text'}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 9, "total_tokens": 12}}
+    assert token_counts_of_body(json.dumps(answer).encode()) == TokenCounts(3, 9, reported=True)
+    for bad in (b"", b'{"usage": null}', b'{"usage": {"prompt_tokens": 3', b'{"usage"}',
+                b'{"usage": {"prompt_tokens": 1, "completion_tokens": 2}}\xff'):
+        assert token_counts_of_body(bad) is None, bad
+    usage = StreamUsage(prompt_tokens=50)
+    usage.feed(b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 6, '
+               b'"total_tokens": 10}}\n\ndata: [DONE]\n\n')
+    assert usage.counts() == TokenCounts(4, 6, reported=True)
+
+
+def test_stream_events_counts_events_however_the_reads_cut_them():
+    # vLLM: a role event, one event per generated token, a finish event, [DONE].
+    chat = [b'data: {"choices": [{"delta": {"role": "assistant"}}]}\n\n']
+    chat += [b'data: {"choices": [{"delta": {"content": "x"}}]}\n\n'] * 40
+    chat += [b'data: {"choices": [{"delta": {}, "finish_reason": "stop"}]}\n\n', b"data: [DONE]\n\n"]
+    raw = b"".join(chat)
+    decoded = StreamUsage(prompt_tokens=12)
+    decoded.feed(raw)
+    for cut in (1, 2, 7, 61, len(raw)):  # every place an event's blank line can be split
+        meter = StreamEvents(prompt_tokens=12)
+        for i in range(0, len(raw), cut):
+            meter.feed(raw[i:i + cut])
+        meter.feed(b"")
+        assert meter.counts() == decoded.counts() == TokenCounts(12, 42, reported=False)
+    grouped = StreamEvents(prompt_tokens=0, tokens_per_event=3)
+    grouped.feed(b'data: {"choices": []}\n\n' * 5)  # cut off before [DONE]: all 5 count
+    assert grouped.counts().completion == 15
 
 
 def test_stream_meter_reads_the_last_usage_event_and_settles_once_at_done():

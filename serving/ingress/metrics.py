@@ -19,6 +19,7 @@ from prometheus_client.samples import Sample
 
 from .pool import Replica
 from .upstream import Upstream, UpstreamError
+from .usage import TokenCounts
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0,
                    80.0, 160.0, 320.0)
@@ -46,8 +47,17 @@ class RouterMetrics:
         self.rejected = Counter("qwen_serve_rejected_requests",
                                 "Requests refused by the ingress before reaching an engine.",
                                 ["reason"], registry=r)
+        self.tokens = Counter("qwen_serve_tokens",
+                              "Tokens of requests engines answered, per model (base or adapter): "
+                              "the engine's usage where the answer carries it, else estimated "
+                              "(prompt: the admission's estimate; completion: one per event).",
+                              ["model", "kind"], registry=r)
         self.cache = Counter("qwen_serve_response_cache_requests",
                              "Response-cache lookups.", ["result"], registry=r)
+
+    def count_tokens(self, model_label: str, counts: TokenCounts) -> None:
+        self.tokens.labels(model_label, "prompt").inc(counts.prompt)
+        self.tokens.labels(model_label, "completion").inc(counts.completion)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

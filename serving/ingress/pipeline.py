@@ -38,7 +38,7 @@ from .pool import Replica
 from .shape import estimate_tokens
 from .state import IngressState
 from .upstream import READ_ERRORS, Broken, Refused, TimedOut, finish as finish_upstream, read_all
-from .usage import StreamUsage, total_tokens_of_body
+from .usage import StreamEvents, StreamUsage, token_counts_of_body
 
 logger = logging.getLogger("qwen_serve.ingress")
 # Headers from the engine that describe the body passed through unchanged.
@@ -285,16 +285,40 @@ async def _open(state: IngressState, ctx: RequestContext) -> tuple[Lease, aiohtt
             raise
 
 
+class _TokenSeries:
+    """Adds a finished stream's tokens to the per-model series, from its meter."""
+
+    def __init__(self, state: IngressState, ctx: RequestContext, meter: StreamUsage | StreamEvents,
+                 feeds: bool) -> None:
+        self.state, self.ctx, self.meter = state, ctx, meter
+        # The limiter's StreamUsage is fed as an observer already; only our own
+        # event counter needs the chunks.
+        self.feed = meter.feed if feeds else _ignore
+
+    async def close(self, complete: bool) -> None:
+        self.state.metrics.count_tokens(self.ctx.model_label, self.meter.counts())
+
+
+def _ignore(chunk: bytes) -> None:
+    pass
+
+
 def _observers(state: IngressState, ctx: RequestContext, status: int) -> list[StreamObserver]:
-    """Who needs to see a stream: the rate limiter (its cost) and the cache (its answer)."""
+    """Who needs to see a stream: the rate limiter (its cost), the token series and the
+    cache (its answer)."""
     if status != 200:
         return []
     observers: list[StreamObserver] = []
     admitted = ctx.admitted
+    per_event = state.settings.tokens_per_event
+    prompt = estimate_tokens(admitted.body, admitted.prompt_text, generates=False)
     if admitted.charged_to is not None:
-        prompt = estimate_tokens(admitted.body, admitted.prompt_text, generates=False)
-        observers.append(StreamUsage(prompt, lambda used: state.admission.settle(admitted, used),
-                                     tokens_per_event=state.settings.tokens_per_event))
+        usage = StreamUsage(prompt, lambda used: state.admission.settle(admitted, used),
+                            tokens_per_event=per_event)
+        observers += [usage, _TokenSeries(state, ctx, usage, feeds=False)]
+    else:
+        observers.append(_TokenSeries(state, ctx, StreamEvents(prompt, tokens_per_event=per_event),
+                                      feeds=True))
     if ctx.cache_key is not None:
         key = ctx.cache_key
 
@@ -364,10 +388,12 @@ async def _read_plain(state: IngressState, ctx: RequestContext, lease: Lease,
     ctx.deadline.cancel()
     lease.replica.answered()
     lease.release(resp.status)
-    if resp.status == 200:
+    if resp.status == 200 and ctx.route in ("chat", "completions"):
         admitted = ctx.admitted
-        if admitted.charged_to is not None and (used := total_tokens_of_body(content)) is not None:
-            state.admission.settle(admitted, used)
+        if (counts := token_counts_of_body(content)) is not None:
+            state.metrics.count_tokens(ctx.model_label, counts)
+            if admitted.charged_to is not None:
+                state.admission.settle(admitted, counts.prompt + counts.completion)
         if ctx.cache_key is not None:
             await state.cache.put(ctx.cache_key, CachedResponse(200, "application/json", content))
     return Response(content, status_code=resp.status, headers=out_headers)
