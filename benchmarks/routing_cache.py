@@ -1,10 +1,15 @@
-"""Issue-8 measurements on real stacks: prefix-affinity routing and the response cache.
+"""Routing and caching measured on real stacks: prefix affinity, adapter affinity, the cache.
 
   python -m benchmarks.routing_cache prefix [-n 96] [--prefixes 25] [--out DIR]
       Shared-system-prompt workload (a few requests per prompt) on 1 replica, then on 2 replicas with
       round_robin and with prefix_affinity: engine prefix-cache hit rate
       (vllm:prefix_cache_hits / queries, from /metrics) and the share of
       requests each replica served.
+  python -m benchmarks.routing_cache adapters [-n 96] [--concurrency 8] [--out DIR]
+      Two LoRA adapters on 2 replicas with engine.max_loras 1 (vLLM then batches one
+      adapter at a time), requests for either at random: round_robin without and with
+      router.adapter_affinity. Latency p50/p90, requests/s, each replica's share, and
+      how many requests vLLM held back for want of a LoRA slot (sampled).
   python -m benchmarks.routing_cache cache URL [-n 200]
       Repeated identical deterministic queries against a running stack: uncached
       (Cache-Control: no-cache) against cached, request rate and p50 latency.
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import random
 import re
 import statistics
 import tempfile
@@ -23,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from .stacks import start_stack, stop_stack
+from .stacks import ROOT, start_stack, stop_stack
 
 SYSTEM = ("You are the support assistant of a hardware shop. Answer briefly and politely, "
           "quote the order number when one is given, never invent stock levels, and "
@@ -96,6 +103,108 @@ def cmd_prefix(args) -> int:
     return 0
 
 
+LORA_CONFIG = ROOT / "deploy" / "configs" / "local-cpu-lora.yaml"
+# The demo adapter under a second name: vLLM gives each name its own adapter id and
+# LoRA slot, which is what the routing question is about (the weights being equal
+# changes nothing in how the scheduler batches them).
+ADAPTERS = ("smollm2-demo-note", "smollm2-demo-note-b")
+
+
+def _gauge_sum(text: str, name: str, label: str) -> float:
+    return sum(float(m.group(2)) for m in re.finditer(
+        rf'^{re.escape(name)}\{{([^}}]*)\}}\s+([0-9.eE+-]+)$', text, re.MULTILINE)
+        if label in m.group(1))
+
+
+async def _adapter_load(base: str, n: int, concurrency: int, seed: int) -> dict:
+    """``n`` chat requests, each for one of ``ADAPTERS`` at random, ``concurrency`` at once;
+    the engines' deferred-request gauge sampled once a second meanwhile."""
+    rng = random.Random(seed)
+    picks = [rng.choice(ADAPTERS) for _ in range(n)]
+    sem = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+    ttfts: list[float] = []
+    deferred: list[float] = []
+    done = asyncio.Event()
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def one(i: int, model: str) -> None:
+            async with sem:
+                started = time.perf_counter()
+                first = None
+                async with client.stream("POST", f"{base}/v1/chat/completions", json={
+                        "model": model, "max_tokens": 24, "temperature": 0, "ignore_eos": True,
+                        "stream": True,
+                        "messages": [{"role": "user", "content": f"Request {i}: name three rivers."}]}
+                ) as resp:
+                    resp.raise_for_status()
+                    async for line in resp.aiter_lines():
+                        if first is None and '"content"' in line and '"content":""' not in line:
+                            first = time.perf_counter() - started
+                latencies.append(time.perf_counter() - started)
+                ttfts.append(first if first is not None else latencies[-1])
+
+        async def sample() -> None:
+            while not done.is_set():
+                text = (await client.get(f"{base}/metrics")).text
+                deferred.append(_gauge_sum(text, "vllm:num_requests_waiting_by_reason",
+                                           'reason="deferred"'))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(done.wait(), 1.0)
+
+        sampler = asyncio.create_task(sample())
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i, m) for i, m in enumerate(picks)))
+        elapsed = time.perf_counter() - started
+        done.set()
+        await sampler
+    q = statistics.quantiles(latencies, n=10)
+    return {"requests": n, "req_s": n / elapsed, "p50_s": statistics.median(latencies),
+            "p90_s": q[8], "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p90_s": statistics.quantiles(ttfts, n=10)[8],
+            "mean_deferred": statistics.fmean(deferred) if deferred else 0.0,
+            "max_deferred": max(deferred, default=0.0),
+            "latencies_s": sorted(round(x, 3) for x in latencies)}
+
+
+def cmd_adapters(args) -> int:
+    layouts = [("round_robin", "false"), ("round_robin + adapter affinity", "true")]
+    results = {}
+    with tempfile.TemporaryDirectory() as logs:
+        for label, affinity in layouts:
+            stack = start_stack(
+                Path(logs), "--set", "topology.replicas=2", "--set", "router.policy=round_robin",
+                "--set", f"router.adapter_affinity={affinity}",
+                "--set", "router.response_cache.enabled=false", "--set", "engine.max_loras=1",
+                "--set", f"model.adapters.{ADAPTERS[1]}.source=embedded:{ADAPTERS[0]}",
+                name=label.replace(" ", "_").replace("+", ""), config=LORA_CONFIG, timeout_s=900)
+            try:
+                # One request per adapter first: both loaded everywhere they will be
+                # asked for, so neither run measures first loads.
+                asyncio.run(_adapter_load(stack.base_url, 4, 4, seed=99))
+                before = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+                r = asyncio.run(_adapter_load(stack.base_url, args.n, args.concurrency, args.seed))
+                after = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+            finally:
+                stop_stack(stack)
+            a, b = (_metric_sums(t, "vllm:request_success_total") for t in (after, before))
+            served = {k: a[k] - b.get(k, 0.0) for k in a}
+            total = sum(served.values()) or 1
+            r["max_share"] = max(served.values()) / total if served else 0.0
+            results[label] = r
+            print(f"{label}: {json.dumps(r)}", flush=True)
+    base = results["round_robin"]
+    lines = ["| routing | E2E p50 | E2E p90 | TTFT p50 / p90 | req/s | deferred for a LoRA slot "
+             "(mean / max) | max share of requests |", "|---|---|---|---|---|---|---|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {r['p50_s']:.2f} s ({r['p50_s'] / base['p50_s']:.2f}×) | "
+                     f"{r['p90_s']:.2f} s ({r['p90_s'] / base['p90_s']:.2f}×) | "
+                     f"{r['ttft_p50_s']:.2f} / {r['ttft_p90_s']:.2f} s | "
+                     f"{r['req_s']:.2f} ({r['req_s'] / base['req_s']:.2f}×) | "
+                     f"{r['mean_deferred']:.2f} / {r['max_deferred']:.0f} | {r['max_share']:.2f} |")
+    _write(args.out, "adapter-routing", results, lines)
+    return 0
+
+
 def cmd_cache(args) -> int:
     body = {"model": args.model, "temperature": 0, "max_tokens": 32,
             "messages": [{"role": "user", "content": "What is the capital of France?"}]}
@@ -152,6 +261,12 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--out")
     p.set_defaults(func=cmd_prefix)
+    p = sub.add_parser("adapters")
+    p.add_argument("-n", type=int, default=96)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out")
+    p.set_defaults(func=cmd_adapters)
     p = sub.add_parser("cache")
     p.add_argument("url")
     p.add_argument("-n", type=int, default=200)
