@@ -24,7 +24,7 @@ ROUTER_METRICS = {
     "qwen_serve_requests_total", "qwen_serve_request_duration_seconds",
     "qwen_serve_time_to_first_byte_seconds", "qwen_serve_requests_in_flight",
     "qwen_serve_replicas", "qwen_serve_replica_up", "qwen_serve_rejected_requests_total",
-    "qwen_serve_response_cache_requests_total",
+    "qwen_serve_response_cache_requests_total", "qwen_serve_tokens_total",
 }
 SUFFIX = re.compile(r"_(bucket|count|sum)$")
 
