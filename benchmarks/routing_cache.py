@@ -8,8 +8,9 @@
   python -m benchmarks.routing_cache adapters [-n 96] [--concurrency 8] [--out DIR]
       Two LoRA adapters on 2 replicas with engine.max_loras 1 (vLLM then batches one
       adapter at a time), requests for either at random: round_robin without and with
-      router.adapter_affinity. Latency p50/p90, requests/s, each replica's share, and
-      how many requests vLLM held back for want of a LoRA slot (sampled).
+      router.adapter_affinity. Latency p50/p90, requests/s, each replica's share, how
+      many requests vLLM held back for want of a LoRA slot (sampled), and how often an
+      engine put an adapter into a slot (vLLM's "Activating LoRA" debug line).
   python -m benchmarks.routing_cache cache URL [-n 200]
       Repeated identical deterministic queries against a running stack: uncached
       (Cache-Control: no-cache) against cached, request rate and p50 latency.
@@ -166,24 +167,48 @@ async def _adapter_load(base: str, n: int, concurrency: int, seed: int) -> dict:
             "latencies_s": sorted(round(x, 3) for x in latencies)}
 
 
+# vLLM's own logging, plus the LoRA manager's debug line for each adapter it puts
+# into a slot: with max_loras 1, every one after the first is a swap.
+ACTIVATION_LINE = "Activating LoRA"
+ENGINE_LOGGING = {
+    "version": 1, "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(asctime)s [%(name)s] %(message)s"}},
+    "handlers": {"out": {"class": "logging.StreamHandler", "formatter": "plain",
+                         "stream": "ext://sys.stdout"}},
+    "loggers": {"vllm": {"handlers": ["out"], "level": "INFO", "propagate": False},
+                "vllm.lora.model_manager": {"level": "DEBUG"}},
+}
+
+
+def _activations(log_path: Path, settle_s: float = 3.0) -> int:
+    time.sleep(settle_s)  # Ray forwards worker output to the driver's log with a delay
+    return log_path.read_text(errors="replace").count(ACTIVATION_LINE)
+
+
 def cmd_adapters(args) -> int:
     layouts = [("round_robin", "false"), ("round_robin + adapter affinity", "true")]
     results = {}
     with tempfile.TemporaryDirectory() as logs:
+        logging_config = Path(logs) / "vllm-logging.json"
+        logging_config.write_text(json.dumps(ENGINE_LOGGING))
         for label, affinity in layouts:
             stack = start_stack(
                 Path(logs), "--set", "topology.replicas=2", "--set", "router.policy=round_robin",
                 "--set", f"router.adapter_affinity={affinity}",
                 "--set", "router.response_cache.enabled=false", "--set", "engine.max_loras=1",
                 "--set", f"model.adapters.{ADAPTERS[1]}.source=embedded:{ADAPTERS[0]}",
-                name=label.replace(" ", "_").replace("+", ""), config=LORA_CONFIG, timeout_s=900)
+                name=label.replace(" ", "_").replace("+", ""), config=LORA_CONFIG, timeout_s=900,
+                # RAY_DEDUP_LOGS=0: Ray folds like lines of several processes into one.
+                env={"VLLM_LOGGING_CONFIG_PATH": str(logging_config), "RAY_DEDUP_LOGS": "0"})
             try:
                 # One request per adapter first: both loaded everywhere they will be
                 # asked for, so neither run measures first loads.
                 asyncio.run(_adapter_load(stack.base_url, 4, 4, seed=99))
                 before = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+                activated = _activations(stack.log_path)
                 r = asyncio.run(_adapter_load(stack.base_url, args.n, args.concurrency, args.seed))
                 after = httpx.get(f"{stack.base_url}/metrics", timeout=30).text
+                r["slot_loads"] = _activations(stack.log_path) - activated
             finally:
                 stop_stack(stack)
             a, b = (_metric_sums(t, "vllm:request_success_total") for t in (after, before))
@@ -193,10 +218,11 @@ def cmd_adapters(args) -> int:
             results[label] = r
             print(f"{label}: {json.dumps(r)}", flush=True)
     base = results["round_robin"]
-    lines = ["| routing | E2E p50 | E2E p90 | TTFT p50 / p90 | req/s | deferred for a LoRA slot "
-             "(mean / max) | max share of requests |", "|---|---|---|---|---|---|---|"]
+    lines = ["| routing | adapter loads into a slot | E2E p50 | E2E p90 | TTFT p50 / p90 | req/s "
+             "| deferred for a LoRA slot (mean / max) | max share of requests |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
-        lines.append(f"| {label} | {r['p50_s']:.2f} s ({r['p50_s'] / base['p50_s']:.2f}×) | "
+        lines.append(f"| {label} | {r['slot_loads']} | {r['p50_s']:.2f} s ({r['p50_s'] / base['p50_s']:.2f}×) | "
                      f"{r['p90_s']:.2f} s ({r['p90_s'] / base['p90_s']:.2f}×) | "
                      f"{r['ttft_p50_s']:.2f} / {r['ttft_p90_s']:.2f} s | "
                      f"{r['req_s']:.2f} ({r['req_s'] / base['req_s']:.2f}×) | "
