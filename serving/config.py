@@ -217,9 +217,17 @@ class ServerConfig(_Section):
     # The deployment's expected peak output tokens/s over all replicas (from a benchmark
     # of its engines, or a published figure): `plan` sizes the ingress's relay with it.
     expected_peak_output_tokens_per_s: int | None = Field(default=None, gt=0)
-    # Whether /metrics needs an API key too (probes /health and /ready never do).
-    metrics_require_key: bool = False
+    # Whether /metrics needs an API key (probes /health and /ready never do). Unset: it
+    # does whenever API keys are on, since the engines' series tell load and model to
+    # anyone; false opens it, for a scraper that cannot send a key.
+    metrics_require_key: bool | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @property
+    def metrics_need_key(self) -> bool:
+        if self.metrics_require_key is None:
+            return self.api_keys_file is not None
+        return self.metrics_require_key
 
 
 class DeploymentConfig(_Section):

@@ -132,7 +132,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             web_ui=cfg.server.web_ui,
             limits=cfg.server.limits,
             api_keys=keys,
-            metrics_require_key=cfg.server.metrics_require_key,
+            metrics_require_key=cfg.server.metrics_need_key,
             model_revision=cfg.model_revision,
             tokens_per_event=cfg.engine.stream_interval,
             adapters=tuple(sorted(cfg.model.adapters)),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.config import ConfigError, load_config
+from serving.config import ConfigError, ServerConfig, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILES = sorted((ROOT / "deploy" / "configs").glob("*.yaml"))
@@ -64,3 +64,11 @@ def test_autoscaling_bounds_checked(tmp_path):
 def test_not_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "server: [1,\n"), environ={})
+
+
+@pytest.mark.parametrize("keys, setting, needed", [
+    (None, None, False), ("/run/secrets/api_keys", None, True),
+    ("/run/secrets/api_keys", False, False), (None, True, True)])
+def test_metrics_need_a_key_whenever_api_keys_are_on_unless_opened(keys, setting, needed):
+    server = ServerConfig(api_keys_file=keys, metrics_require_key=setting)
+    assert server.metrics_need_key is needed

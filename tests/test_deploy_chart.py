@@ -200,3 +200,35 @@ def test_helm4_lints_strictly_and_renders(values):
     assert not problems, problems
     rendered = helm.Chart.load(str(CHART)).render(user, name="qwen", namespace="qwen")
     assert any("kind: ConfigMap" in text for text in rendered.values())
+
+
+def _keyed_values(tmp_path: Path, text: str) -> Path:
+    extra = tmp_path / "keys.yaml"
+    extra.write_text("serviceMonitor: {enabled: true}\n" + text)
+    return extra
+
+
+def test_with_api_keys_the_service_monitor_sends_the_metrics_key(tmp_path):
+    """Keys on means /metrics needs a key too (config.py): Prometheus must send one."""
+    extra = _keyed_values(tmp_path, "secrets: {apiKeys: {existingSecret: keys},"
+                                    " metricsKey: {existingSecret: scrape, key: token}}\n")
+    docs = render(CHART / "values-cpu.yaml", "-f", str(extra))
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "scrape", "key": "token"}}
+    assert serving_config(docs, tmp_path).server.metrics_require_key is None  # derived from the keys
+
+
+def test_with_api_keys_and_no_metrics_key_the_chart_refuses_to_render(tmp_path):
+    extra = _keyed_values(tmp_path, "secrets: {apiKeys: {existingSecret: keys}}\n")
+    result = subprocess.run(["bash", str(CHECK), "render", str(CHART / "values-cpu.yaml"), "-f", str(extra)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "secrets.metricsKey.existingSecret" in result.stderr
+
+
+def test_an_open_metrics_route_needs_no_scrape_credential(tmp_path):
+    extra = _keyed_values(tmp_path, "secrets: {apiKeys: {existingSecret: keys}}\n"
+                                    "serving: {server: {metrics_require_key: false}}\n")
+    endpoint = one(render(CHART / "values-cpu.yaml", "-f", str(extra)), "ServiceMonitor")["spec"]["endpoints"][0]
+    assert "authorization" not in endpoint
+    docs = render(CHART / "values-cpu.yaml")
+    assert not [d for d in docs if d["kind"] == "ServiceMonitor"]

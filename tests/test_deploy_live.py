@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,8 +25,8 @@ import httpx
 import pytest
 import yaml
 
-from local_service import ServiceFailed, running
-from serving.ports import reserved_port
+from local_service import ServiceFailed
+from prometheus_server import INSTALL_HINT, instant, prometheus_server
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARDS = sorted((REPO / "deploy/grafana/dashboards").glob("*.json"))
@@ -64,11 +63,8 @@ def _panel_queries() -> list[tuple[str, str, str]]:
 @pytest.fixture(scope="module")
 def prometheus(stack, tmp_path_factory) -> Iterator[str]:
     """A real Prometheus on an ephemeral loopback port scraping the stack; yields its URL."""
-    binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.fail("the `prometheus` binary is not installed: run `bash deploy/check.sh tools` "
-                    "(Debian package prometheus)")
-    work = tmp_path_factory.mktemp("prometheus")
+    if shutil.which("prometheus") is None:
+        pytest.fail(INSTALL_HINT)
     target = httpx.URL(stack.base_url)
     job: dict[str, Any] = {
         "job_name": "qwen-serve",
@@ -83,36 +79,11 @@ def prometheus(stack, tmp_path_factory) -> Iterator[str]:
         "rule_files": [str(RULES)],
         "scrape_configs": [job],
     }
-    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
-    # The port is held until Prometheus stops; Prometheus binds it with SO_REUSEADDR.
-    with reserved_port() as port, (work / "prometheus.log").open("w") as log:
-        proc = subprocess.Popen(
-            [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-        url = f"http://127.0.0.1:{port}"
-
-        def ready() -> bool:
-            try:
-                return httpx.get(f"{url}/-/ready", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        try:
-            with running(proc, "prometheus", ready,
-                         lambda: (work / "prometheus.log").read_text()[-3000:],
-                         timeout_s=30, poll_s=0.2, grace_s=10):
-                yield url
-        except ServiceFailed as exc:
-            pytest.fail(str(exc))
-
-
-def _instant(url: str, expr: str) -> list[dict[str, Any]]:
-    resp = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
-    body = resp.json()
-    assert body.get("status") == "success", f"query rejected: {expr}\n{body}"
-    return body["data"]["result"]
+    try:
+        with prometheus_server(config, tmp_path_factory.mktemp("prometheus")) as url:
+            yield url
+    except ServiceFailed as exc:
+        pytest.fail(str(exc))
 
 
 def _has_finite_sample(result: list[dict[str, Any]]) -> bool:
@@ -124,8 +95,8 @@ def _wait_for_scrapes(url: str, count: int) -> None:
     deadline = time.monotonic() + 30 + count * SCRAPE_S
     start = None
     while time.monotonic() < deadline:
-        result = _instant(url, 'count_over_time(up{job="qwen-serve"}[10m])')
-        up = _instant(url, 'up{job="qwen-serve"}')
+        result = instant(url, 'count_over_time(up{job="qwen-serve"}[10m])')
+        up = instant(url, 'up{job="qwen-serve"}')
         if result and up and float(up[0]["value"][1]) == 1.0:
             seen = float(result[0]["value"][1])
             start = seen if start is None else start
@@ -170,7 +141,7 @@ def test_every_dashboard_panel_returns_data(stack, prometheus):
         _wait_for_scrapes(prometheus, 2)
 
     empty = [(board, panel, expr) for board, panel, expr in queries
-             if not _has_finite_sample(_instant(prometheus, expr))]
+             if not _has_finite_sample(instant(prometheus, expr))]
     required = [e for e in empty if (e[0], e[1]) not in OPTIONAL_PANELS]
     optional = [e for e in empty if (e[0], e[1]) in OPTIONAL_PANELS]
     if optional:

@@ -31,9 +31,11 @@ from typing import Iterator
 import httpx
 import psutil
 import pytest
+import yaml
 
 from benchmarks.stacks import leftovers, stack_processes
-from conftest import Stack, start_stack, stop_stack
+from conftest import ROOT, Stack, start_stack, stop_stack
+from prometheus_server import instant, prometheus_server
 from serving.engine import guard
 
 pytestmark = pytest.mark.stack
@@ -182,7 +184,7 @@ PROTECTED = [
     ("POST", "/tokenize", {"prompt": "Hello world"}),
     ("POST", "/detokenize", {"tokens": [19556, 905]}),
 ]
-OPEN = ["/health", "/ready", "/metrics", "/", "/openapi.json"]
+OPEN = ["/health", "/ready", "/", "/openapi.json"]
 DIGEST_OF_HASHED = hashlib.sha256(KEY_HASHED.encode()).hexdigest()
 BAD_CREDENTIALS = {
     "none": {},
@@ -216,14 +218,42 @@ def test_protected_route_serves_either_key(guarded, method, path, body, who):
 
 @pytest.mark.parametrize("who", ["none", "wrong-key", "plain-key"])
 @pytest.mark.parametrize("path", OPEN)
-def test_probe_metrics_and_page_need_no_key(guarded, path, who):
+def test_probes_and_page_need_no_key(guarded, path, who):
     headers = {**BAD_CREDENTIALS, **GOOD_CREDENTIALS}[who]
     resp = httpx.get(guarded.base_url + path, headers=headers, timeout=30)
     assert resp.status_code == 200, resp.text
 
 
+@pytest.mark.parametrize("who", list(BAD_CREDENTIALS))
+def test_with_keys_on_metrics_refuse_bad_credentials(guarded, who):
+    """The engines' series tell anyone the load and the model: with keys on, /metrics needs one."""
+    resp = httpx.get(f"{guarded.base_url}/metrics", headers=BAD_CREDENTIALS[who], timeout=30)
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    assert openai_error(resp)["code"] == "invalid_api_key"
+
+
+def test_prometheus_scrapes_metrics_with_the_shipped_credentials_file(guarded, tmp_path):
+    """The compose Prometheus config, run by a real Prometheus: its key file gets it in."""
+    shipped = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"][0]
+    key_file = tmp_path / "metrics_key"
+    key_file.write_text(KEY_HASHED + "\n")
+    target = {"static_configs": [{"targets": [guarded.base_url.split("//", 1)[1]]}]}
+    keyed = {**shipped, **target, "job_name": "keyed",
+             "authorization": {**shipped["authorization"], "credentials_file": str(key_file)}}
+    anonymous = {**target, "job_name": "anonymous", "metrics_path": shipped["metrics_path"]}
+    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": [keyed, anonymous]}
+    with prometheus_server(config, tmp_path / "prometheus") as url:
+        deadline = time.monotonic() + 30
+        while len(up := {r["metric"]["job"]: r["value"][1] for r in instant(url, "up")}) < 2:
+            assert time.monotonic() < deadline, f"Prometheus scraped only {up}"
+            time.sleep(0.5)
+        served = instant(url, 'vllm:num_requests_running{job="keyed"}')
+    assert up == {"keyed": "1", "anonymous": "0"}
+    assert served  # the engines' series came through the keyed scrape
+
+
 def test_keys_are_not_in_metrics(guarded):
-    text = httpx.get(f"{guarded.base_url}/metrics", timeout=30).text
+    text = httpx.get(f"{guarded.base_url}/metrics", headers=auth(), timeout=30).text
     for secret in (KEY_PLAIN, KEY_HASHED, DIGEST_OF_HASHED):
         assert secret not in text
     assert metric_sum(text, 'qwen_serve_rejected_requests_total{reason="unauthorized"}') >= 35
@@ -561,7 +591,8 @@ def test_abuse_corpus_every_answer_shaped_no_5xx_engines_kept(guarded):
 # --- 8. disconnects and deadlines ----------------------------------------------------
 
 def running_requests(base_url: str) -> float:
-    return metric_sum(httpx.get(f"{base_url}/metrics", timeout=30).text, "vllm:num_requests_running")
+    return metric_sum(httpx.get(f"{base_url}/metrics", headers=auth(), timeout=30).text,
+                      "vllm:num_requests_running")
 
 
 def wait_until_idle(base_url: str, timeout_s: float = 30) -> float:
