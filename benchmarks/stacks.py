@@ -6,6 +6,7 @@ need whole stacks with different settings (replicas, routing policy, cache).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -93,6 +94,19 @@ def stack_processes(stack: Stack) -> list:
     import psutil
 
     return psutil.Process(stack.proc.pid).children(recursive=True)
+
+
+def stop_leaves_nothing(stack: Stack, send, bound_s: float) -> tuple[list[str], float]:
+    """Signal the stack with ``send(pid)``; the processes it had that still run ``bound_s``
+    after the signal, and the seconds until none was left (or the bound)."""
+    family = stack_processes(stack)
+    signalled = time.monotonic()
+    send(stack.proc.pid)
+    left = leftovers(family, bound_s)
+    took = time.monotonic() - signalled
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        stack.proc.wait(5)
+    return left, took
 
 
 def leftovers(procs: list, timeout_s: float) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import ConfigError, DeploymentConfig, load_config
@@ -58,10 +59,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .launcher import ServeError, run
 
     try:
-        return run(cfg, plan, facts, address=args.address)
+        code = run(cfg, plan, facts, address=args.address)
     except ServeError as exc:
         print(f"qwen-serve: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+        code = EXIT_RUNTIME
+    # Ray is shut down by now, but its interpreter-exit hook still ran a driver shutdown
+    # (ray/_private/worker.py shutdown -> shutdown_driver) that, with the head going down
+    # too (a stop sent to the whole process group), held the exit for 16 s in 2 of 7
+    # such stops. A stop must leave nothing running within 15 s; nothing is left to do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _prepare_demo_adapter(cfg: DeploymentConfig) -> None:

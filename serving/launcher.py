@@ -116,8 +116,10 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         raise ServeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
                          f"{exc.strerror or exc}") from None
     _start_reaper()
+    head: list | None = None
     try:
         _start_ray(cfg, plan, address)
+        head = None if address else _head_processes()
         serve.start(proxy_location="Disabled")
         registry = create_registry()
         pool = ReplicaPool(registry)
@@ -150,7 +152,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
                                   APP_NAME, sock))
     finally:
         sock.close()
-        _shutdown_ray()
+        _shutdown_ray(head)
 
 
 async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int:
@@ -245,14 +247,50 @@ def _start_reaper() -> None:
                      stdin=subprocess.DEVNULL)
 
 
-def _shutdown_ray() -> None:
+def _head_processes() -> list:
+    """The processes of the Ray head this process just started (its children but the reaper)."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True)
+            if "serving.reaper" not in " ".join(_cmdline(p))]
+
+
+def _cmdline(proc) -> list[str]:
+    import psutil
+
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
+def _all_running(procs: list) -> bool:
+    """Whether none of ``procs`` has exited. A stop signalled to the whole process group
+    (systemd, supervisord, CI runners) reaches Ray's head processes too, and some die at
+    once: Serve's controller can then no longer answer, and serve.shutdown() waited its
+    full 30 s for it (measured: 40 s from SIGTERM to exit)."""
+    import psutil
+
+    try:
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    except psutil.Error:
+        return False
+
+
+def _shutdown_ray(head: list | None) -> None:
+    """Stop Serve (its replicas stop their engines), then leave or stop Ray. ``head``: the
+    processes of the Ray head this process started, None when it joined a cluster."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
         return
-    try:
-        serve.shutdown()
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        logger.exception("serve shutdown failed")
+    # With the head going down there is nobody to ask: the engines stop on their own when
+    # their replica's worker dies (engine/supervise.py), ray.shutdown() and the reaper
+    # stop the rest.
+    if head is None or _all_running(head):
+        try:
+            serve.shutdown()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            logger.exception("serve shutdown failed")
     ray.shutdown()

@@ -17,6 +17,7 @@ on (~940 MB, seen 4 of 4 times with SIGTERM to the stack's process group).
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 import sys
@@ -42,15 +43,24 @@ def _terminate_all(grace_s: float) -> None:
     psutil.wait_procs(me.children(recursive=True), timeout=5)
 
 
+# Grace for an engine whose replica is gone: nobody waits for its answers any more, and
+# a stop must leave nothing running 15 s after the signal (docs/reliability.md).
+ORPHANED_GRACE_S = 5.0
+
+
 def main(argv: list[str]) -> int:
     grace_s = float(argv[0])
     cmd = argv[argv.index("--") + 1:]
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    owner = os.getppid()
     child = subprocess.Popen(cmd, preexec_fn=_stop_with_parent)
     stopping = threading.Event()
 
     def on_signal(signum, frame):
+        nonlocal grace_s
         if not stopping.is_set():
+            if os.getppid() != owner:  # the replica died (PR_SET_PDEATHSIG), not asked us to stop
+                grace_s = min(grace_s, ORPHANED_GRACE_S)
             stopping.set()
             try:
                 child.send_signal(signal.SIGTERM)
