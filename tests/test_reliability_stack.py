@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -765,6 +766,56 @@ def test_deadline_streaming_ends_with_an_error_event_and_aborts(short_deadline_i
                                   "chunks_before_deadline": len(events) - 2,
                                   "engine_idle_after_s": round(freed, 2)})
     assert took < 5
+
+
+STALLED_DEADLINE_S = 3.0
+
+
+def stalled_stream(base_url: str, body: dict) -> socket.socket:
+    """A streaming request whose client never reads a byte of the answer (a tiny receive
+    buffer, so the relay's writes back up as they would to a stuck client)."""
+    host, port = base_url.split("//", 1)[1].rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.connect((host, int(port)))
+    data = json.dumps(body).encode()
+    sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_eight_streams_that_stop_reading_give_their_slots_back_at_the_deadline(guarded):
+    """All 8 slots (4 per replica, 2 replicas) held by clients that never read: the
+    service must take new requests again within the request deadline + 1 s."""
+    from serving.config import LimitsConfig
+
+    bound = REPLICAS * MAX_IN_FLIGHT_PER_REPLICA
+    limits = LimitsConfig(max_in_flight_per_replica=MAX_IN_FLIGHT_PER_REPLICA)
+    with second_ingress(guarded, request_timeout_s=STALLED_DEADLINE_S, limits=limits) as (base, entries):
+        wait_engines_idle(entries)
+        probe = {"prompt": "Hi", "max_tokens": 1}
+        started = time.monotonic()
+        stalled = [stalled_stream(base, LONG) for _ in range(bound)]
+        try:
+            refused = admitted = None
+            while admitted is None and time.monotonic() - started < STALLED_DEADLINE_S + 10:
+                status = httpx.post(f"{base}/v1/completions", json=probe, timeout=30).status_code
+                if status == 429 and refused is None:
+                    refused = time.monotonic() - started
+                elif status == 200 and refused is not None:
+                    admitted = time.monotonic() - started
+                else:
+                    assert status in (200, 429), status
+                time.sleep(0.05)
+        finally:
+            for sock in stalled:
+                sock.close()
+        wait_engines_idle(entries)
+    record("stalled_readers", {"streams": bound, "deadline_s": STALLED_DEADLINE_S,
+                               "first_429_after_s": refused and round(refused, 2),
+                               "admitted_again_after_s": admitted and round(admitted, 2)})
+    assert refused is not None, "the stalled streams never filled the slots"
+    assert admitted is not None and admitted <= STALLED_DEADLINE_S + 1, admitted
 
 
 # --- an engine that dies before answering ----------------------------------------------------
