@@ -1,0 +1,213 @@
+"""Two nodes for real: a Ray head in one network namespace, a worker node in another.
+
+The head node (namespace A) has no CPUs for tasks, so the engine replica can only
+land on the worker node (namespace B); the stack's ingress runs in A, joins the
+cluster with ``qwen-serve serve --address`` and reaches the engine across the veth
+pair. The cluster asks for Ray's token (``RAY_AUTH_MODE=token``): the nodes and the
+ingress have it, a client without it is refused. Traffic goes only to loopback and
+to the pair's addresses inside the two namespaces this module creates; both are
+deleted afterwards with everything that ran in them (tests/netns.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+from benchmarks.stacks import DEFAULT_CONFIG, ROOT
+from netns import Namespace, available, veth_pair
+from serving.engine import guard
+
+pytestmark = [pytest.mark.stack,
+              pytest.mark.skipif(available() is not None, reason=f"network namespaces: {available()}")]
+
+RAY_PORT = 6379
+INGRESS_PORT = 8000  # inside namespace A: nothing else listens there
+ENGINE_KEY = "multinode-test-engine-key-5d1c"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class Cluster:
+    head: Namespace
+    worker: Namespace
+    env: dict[str, str]  # what a member of the cluster runs with (the token)
+    base_url: str  # the ingress, reachable from inside the head namespace
+    proc: subprocess.Popen
+    log: Path
+
+    def get(self, path: str, **kw) -> httpx.Response:
+        return self.head.run(lambda: httpx.get(f"{self.base_url}{path}", timeout=30, **kw))
+
+
+def _ray_start(ns: Namespace, env: dict[str, str], tmp: Path, *args: str) -> None:
+    result = subprocess.run(ns.command(RAY, "start", f"--node-ip-address={ns.address}",
+                                       f"--temp-dir={tmp / ns.name[-1]}", "--disable-usage-stats", *args),
+                            env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def _wait_ready(cluster: Cluster, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cluster.proc.poll() is not None:
+            raise RuntimeError(f"qwen-serve exited ({cluster.proc.returncode}):\n"
+                               f"{cluster.log.read_text()[-3000:]}")
+        try:
+            if cluster.get("/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"not ready after {timeout_s:.0f} s:\n{cluster.log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("multinode")
+    # Ray's sockets live under its temp dir, and a socket path has at most 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="qs-ray-"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        # Leaving the block stops whatever still runs in the namespaces (the Ray nodes).
+        with veth_pair() as (head, worker):
+            # No CPUs on the head for tasks: the engine replica must go to the worker node.
+            _ray_start(head, env, ray_tmp, "--head", f"--port={RAY_PORT}", "--num-cpus=0",
+                       "--include-dashboard=false")
+            _ray_start(worker, env, ray_tmp, f"--address={head.address}:{RAY_PORT}", "--num-cpus=2")
+            with _stack(head, worker, env, tmp / "stack.log") as cluster:
+                yield cluster
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@contextmanager
+def _stack(head: Namespace, worker: Namespace, env: dict[str, str], log: Path) -> Iterator[Cluster]:
+    """`qwen-serve serve` in the head's namespace, joined to the cluster; stopped on exit."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            head.command(sys.executable, "-m", "serving", "serve", "--config", str(DEFAULT_CONFIG),
+                         "--address", f"{head.address}:{RAY_PORT}",
+                         "--host", "127.0.0.1", "--port", str(INGRESS_PORT),
+                         # Engines listen on their node's address, for the ingress on the other.
+                         "--set", "server.replica_host=0.0.0.0",
+                         "--set", "engine.enforce_eager=true",
+                         "--set", "engine.cpu_kv_cache_bytes=536870912"),
+            env={**env, guard.ENV: ENGINE_KEY}, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    cluster = Cluster(head, worker, env, f"http://127.0.0.1:{INGRESS_PORT}", proc, log)
+    try:
+        _wait_ready(cluster, 600)
+        yield cluster
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _replica(cluster: Cluster) -> dict:
+    replicas = cluster.get("/ready").json()["replicas"]
+    assert len(replicas) == 1, replicas
+    return replicas[0]
+
+
+def engine_url(cluster: Cluster) -> str:
+    """The engine's URL as the ingress uses it (the registry's entry)."""
+    code = ("import json, ray; from serving.engine.registry import get_registry;"
+            f"ray.init(address='{cluster.head.address}:{RAY_PORT}', log_to_driver=False,"
+            " logging_level='error');"
+            "print(json.dumps(ray.get(get_registry().snapshot.remote(3600.0))))")
+    out = subprocess.run(cluster.head.command(sys.executable, "-c", code), env=cluster.env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    entries = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(entries) == 1, entries
+    return entries[0]["url"]
+
+
+def test_chat_is_served_through_the_ingress_by_an_engine_on_the_other_node(cluster):
+    url = engine_url(cluster)
+    assert httpx.URL(url).host == cluster.worker.address  # the worker node's side of the pair
+    replica = _replica(cluster)
+    assert replica["ready"] is True, replica
+
+    def chat() -> tuple[str, str]:
+        client = openai.OpenAI(base_url=f"{cluster.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "Say hello in one word."}]
+        plain = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        streamed = "".join(chunk.choices[0].delta.content or ""
+                           for chunk in client.chat.completions.create(
+                               model=model, messages=messages, max_tokens=8, temperature=0, stream=True)
+                           if chunk.choices)
+        return plain.choices[0].message.content, streamed
+
+    plain, streamed = cluster.head.run(chat)
+    assert plain and plain == streamed  # temperature 0: the same answer either way
+
+
+def test_the_engine_process_runs_in_the_worker_namespace(cluster):
+    port = httpx.URL(engine_url(cluster)).port
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, timeout=30)
+    # The port is not listening here (the host namespace)...
+    assert str(port) not in out.stdout
+    pids = [pid for pid in cluster.worker.pids()
+            if "vllm.entrypoints.openai.api_server" in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+            .replace("\0", " ")]
+    # ...but a vLLM server does, inside the worker's namespace, and none in the head's.
+    assert pids and all(cluster.worker.holds(pid) for pid in pids)
+    assert not [pid for pid in cluster.head.pids()
+                if b"vllm.entrypoints" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+ENGINE_ROUTES = [("POST", "/v1/chat/completions",
+                  {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}),
+                 ("POST", "/v1/completions", {"prompt": "Hello", "max_tokens": 2}),
+                 ("POST", "/tokenize", {"prompt": "Hello world"}), ("GET", "/metrics", None),
+                 ("GET", "/v1/models", None), ("GET", "/health", None), ("GET", "/load", None)]
+
+
+def test_the_engine_refuses_callers_from_the_other_node_without_the_credential(cluster):
+    url = engine_url(cluster)
+
+    def call_all() -> dict[str, int]:
+        return {path: httpx.request(method, url + path, json=body, timeout=30).status_code
+                for method, path, body in ENGINE_ROUTES}
+
+    refused = cluster.head.run(call_all)
+    assert all(code in (401, 403) for code in refused.values()), refused
+    with_key = cluster.head.run(lambda: httpx.get(f"{url}/health", headers=guard.headers(ENGINE_KEY),
+                                                  timeout=30).status_code)
+    assert with_key == 200  # the same route, with the deployment's credential
+
+
+@pytest.mark.parametrize("auth", ["wrong-token", "no-token"])
+def test_a_ray_client_without_the_token_cannot_join(cluster, auth):
+    env = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"} if auth == "wrong-token"
+               else {"RAY_AUTH_MODE": "disabled"})
+    code = ("import ray\n"
+            f"ray.init(address='{cluster.head.address}:{RAY_PORT}', log_to_driver=False)\n"
+            "print('JOINED', ray.get(ray.remote(lambda: 'ran on the cluster').remote()))\n")
+    out = subprocess.run(cluster.head.command(sys.executable, "-c", code), env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode != 0 and "JOINED" not in out.stdout
+    assert "Authentication token is missing or incorrect" in out.stderr, out.stderr[-2000:]
