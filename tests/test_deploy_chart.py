@@ -81,6 +81,25 @@ def test_7b_tp4_kuberay_profile_renders_a_rayservice_with_tp4_workers(tmp_path):
     assert not [d for d in docs if d["kind"] == "Deployment"]
 
 
+def test_the_kuberay_cluster_asks_for_ray_token_and_the_ingress_has_it():
+    """KubeRay gives its Ray containers the token; the ingress, a container of its own in
+    the head pod, must be given it too or its ray.init is refused."""
+    cluster = one(render(CHART / "values-7b-tp4-kuberay.yaml"), "RayService")["spec"]["rayClusterConfig"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": "qwen-serve-ray-token"}
+    env = {e["name"]: e for e in serve_container(cluster["headGroupSpec"]["template"]["spec"])["env"]}
+    assert env["RAY_AUTH_MODE"]["value"] == "token"
+    assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {
+        "secretKeyRef": {"name": "qwen-serve-ray-token", "key": "auth_token"}}
+
+
+def test_kuberay_without_a_ray_token_secret_is_refused(tmp_path):
+    extra = tmp_path / "no-token.yaml"
+    extra.write_text('secrets: {rayToken: {existingSecret: ""}}\n')
+    result = subprocess.run(["bash", str(CHECK), "render", str(CHART / "values-7b-tp4-kuberay.yaml"),
+                             "-f", str(extra)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "secrets.rayToken.existingSecret" in result.stderr
+
+
 def test_cpu_profile_requests_no_gpu_and_serves_the_embedded_model(tmp_path):
     docs = render(CHART / "values-cpu.yaml")
     config = serving_config(docs, tmp_path)
