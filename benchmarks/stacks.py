@@ -38,6 +38,7 @@ class Stack:
 
 
 def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Wait until every replica of the stack at ``base_url`` is ready."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
@@ -45,7 +46,8 @@ def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = 
             raise RuntimeError(f"qwen-serve exited with code {proc.returncode} before it was ready")
         try:
             resp = httpx.get(f"{base_url}/ready", timeout=15)
-            if resp.status_code == 200:
+            # Every replica, not only enough of them to serve (min_ready_replicas).
+            if resp.status_code == 200 and resp.json()["status"] == "ready":
                 return
             last = resp.text
         except httpx.HTTPError as exc:

@@ -211,6 +211,9 @@ class ServerConfig(_Section):
     header_timeout_s: float = Field(default=15.0, gt=0)
     body_timeout_s: float = Field(default=60.0, gt=0)
     ready_timeout_s: float = Field(default=10.0, gt=0)
+    # /ready is 200 while at least this many replicas answer (the rest reported degraded):
+    # one slow or dead engine must not take the only ingress out of its Service.
+    min_ready_replicas: int = Field(default=1, ge=1)
     startup_timeout_s: float = Field(default=900.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     web_ui: bool = True

@@ -131,6 +131,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
             request_timeout_s=cfg.server.request_timeout_s,
             body_timeout_s=cfg.server.body_timeout_s,
             ready_timeout_s=cfg.server.ready_timeout_s,
+            min_ready_replicas=cfg.server.min_ready_replicas,
             web_ui=cfg.server.web_ui,
             limits=cfg.server.limits,
             api_keys=keys,

@@ -232,3 +232,23 @@ async def test_a_replica_busy_streaming_is_ready_though_its_probe_would_time_out
             finally:
                 HEALTH["status"] = 200
             assert sick.status_code == 503 and sick.json()["replicas"][0]["detail"] == "HTTP 500"
+
+
+@pytest.mark.parametrize("up, min_ready, code, status", [
+    (2, 1, 200, "ready"), (1, 1, 200, "degraded"), (0, 1, 503, "unavailable"),
+    (1, 2, 503, "degraded")])
+async def test_ready_stays_200_while_enough_replicas_answer(engine, up, min_ready, code, status):
+    """One dead engine of two must not take the only ingress out of its Service."""
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    replicas = [engine] * up + [dead] * (2 - up)
+    async with ingress(replicas, min_ready_replicas=min_ready) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            answer = await c.get("/ready")
+            metrics = (await c.get("/metrics")).text
+    body = answer.json()
+    assert (answer.status_code, body["status"], body["ready_replicas"]) == (code, status, up)
+    assert sorted(r["ready"] for r in body["replicas"]) == sorted([True] * up + [False] * (2 - up))
+    # The degraded replica shows in the metrics too.
+    assert f'qwen_serve_replicas{{state="unready"}} {2 - up}.0' in metrics

@@ -168,7 +168,8 @@ def wait_ready(base_url: str, timeout_s: float) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         try:
-            if httpx.get(f"{base_url}/ready", timeout=15).status_code == 200:
+            resp = httpx.get(f"{base_url}/ready", timeout=15)
+            if resp.status_code == 200 and resp.json()["status"] == "ready":  # every replica
                 return time.monotonic() - started
         except httpx.HTTPError:
             pass
@@ -1119,8 +1120,9 @@ def test_killed_engine_is_replaced_while_service_continues(guarded):
     new_engines = engine_pids(guarded)
     figures = {**info, "requests": len(outcomes), "succeeded": ok, "retried": retries,
                "success_pct": round(100 * ok / len(outcomes), 2), "statuses": statuses,
-               "degraded_seen": any(s == "degraded" and c == 503 for _, c, s in ready_log),
+               "degraded_seen": any(s == "degraded" for _, c, s in ready_log),
                "first_degraded_s": next((round(t, 1) for t, c, s in ready_log if s == "degraded"), None),
+               "ready_503s": sum(c == 503 for _, c, s in ready_log),
                "victim_pid": victim_pid, "new_engine_pids": sorted(new_engines.values())}
     record("replica_kill", figures)
     # The 120 s target is reported (docs/reliability.md); a generous bound keeps the
@@ -1128,6 +1130,8 @@ def test_killed_engine_is_replaced_while_service_continues(guarded):
     print(f"\nreplica recovered after {info['recovered_s']} s")
     assert info["recovered_s"] is not None and info["recovered_s"] <= RECOVERY_BOUND_S, ready_log[-3:]
     assert figures["degraded_seen"], ready_log[:5]
+    # One replica kept answering: the ingress stayed in its Service (min_ready_replicas 1).
+    assert figures["ready_503s"] == 0, [entry for entry in ready_log if entry[1] == 503][:5]
     assert victim_pid not in new_engines.values() and len(new_engines) == REPLICAS
     assert ok / len(outcomes) >= 0.99, statuses
 

@@ -127,6 +127,7 @@ async def _readiness(state: IngressState) -> tuple[int, dict]:
             detail.append({"replica": r.replica_id, "ready": ok, "detail": why,
                            "in_flight": r.in_flight})
         expected = state.settings.expected_replicas
+        enough = min(state.settings.min_ready_replicas, max(expected, 1))
         state.metrics.replicas.labels("ready").set(ready)
         state.metrics.replicas.labels("unready").set(max(len(replicas), expected) - ready)
         if state.draining:
@@ -134,11 +135,12 @@ async def _readiness(state: IngressState) -> tuple[int, dict]:
         elif ready >= expected and ready == len(replicas):
             status_text, code = "ready", 200
         elif ready > 0:
-            status_text, code = "degraded", 503
+            # Degraded but serving: stays in its Service while `enough` replicas answer.
+            status_text, code = "degraded", 200 if ready >= enough else 503
         else:
             status_text, code = "unavailable", 503
         body = {"status": status_text, "ready_replicas": ready, "expected_replicas": expected,
-                "replicas": detail}
+                "min_ready_replicas": enough, "replicas": detail}
         state.ready_cache = (time.monotonic(), code, body)
         return code, body
 

@@ -31,6 +31,7 @@ class IngressSettings:
     request_timeout_s: float = 600.0
     body_timeout_s: float = 60.0
     ready_timeout_s: float = 10.0
+    min_ready_replicas: int = 1
     web_ui: bool = True
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     api_keys: ApiKeys | KeysFile | None = None
