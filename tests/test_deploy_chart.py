@@ -251,3 +251,29 @@ def test_an_open_metrics_route_needs_no_scrape_credential(tmp_path):
     assert "authorization" not in endpoint
     docs = render(CHART / "values-cpu.yaml")
     assert not [d for d in docs if d["kind"] == "ServiceMonitor"]
+
+
+def _policies(docs) -> dict[str, dict]:
+    return {d["metadata"]["name"].rsplit("-", 1)[1]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+
+
+@pytest.mark.parametrize("values", ["values-4x4090d.yaml", "values-7b-tp4-kuberay.yaml"])
+def test_network_policy_opens_only_the_api_port_to_clients(values):
+    """Engines (and Ray's ports) answer this release's own pods only: reached directly they
+    would skip keys, limits and bounds, and Ray's ports run code on the GPU nodes."""
+    docs = render(CHART / values)
+    policies = _policies(docs)
+    release = {"app.kubernetes.io/name": "qwen-serve", "app.kubernetes.io/instance": "qwen"}
+    server = policies.pop("server")
+    assert server["podSelector"]["matchLabels"] == {**release, "app.kubernetes.io/component": "server"}
+    open_rules = [rule for rule in server["ingress"] if "from" not in rule]
+    assert open_rules == [{"ports": [{"port": "http", "protocol": "TCP"}]}]
+    for rule in server["ingress"]:
+        if "from" in rule and "ports" not in rule:  # any port: only from the release's pods
+            assert rule["from"] == [{"podSelector": {"matchLabels": release}}]
+    if "kuberay" in values:
+        worker = policies.pop("worker")
+        assert worker["ingress"] == [{"from": [{"podSelector": {"matchLabels": release}}]}]
+    else:
+        assert len(server["ingress"]) == 1  # standalone: engines on loopback, only the API
+    assert not policies
