@@ -116,6 +116,12 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_down(args: argparse.Namespace) -> int:
+    from .launcher import down
+
+    return down(args.address)
+
+
 def cmd_model_path(args: argparse.Namespace) -> int:
     from . import embedded_model
 
@@ -139,8 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--host", help="ingress bind address (default from config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="ingress port (0 picks a free one)")
-    p.add_argument("--address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--address", help="join this Ray cluster instead of starting a local one "
+                   "(the engines then outlive the ingress: `down` stops them)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("down", help="stop the stack's engines on a Ray cluster (after serve --address)")
+    p.add_argument("--address", required=True, help="the Ray cluster's address (host:port)")
+    p.set_defaults(func=cmd_down)
 
     p = sub.add_parser("engine", help="run bare vLLM with the engine flags of a config (for A/B)")
     _add_config_args(p)

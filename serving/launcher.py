@@ -94,15 +94,16 @@ class _DrainingServer(uvicorn.Server):
 
 def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | None = None) -> int:
     _ray_environment(cfg)
+    import ray
     from ray import serve
 
-    from .engine.builder import APP_NAME, build_engine_app
+    from .engine.builder import APP_NAME, build_engine_app, engine_fingerprint
     from .engine.registry import create_registry
     from .ingress.app import IngressSettings, build_app
     from .ingress.auth import ApiKeyError, KeysFile
     from .ingress.pool import ReplicaPool
 
-    launch, engine_key = _guarded(build_engine_launch(cfg, facts, plan.device))
+    launch = build_engine_launch(cfg, facts, plan.device)
     try:  # a bad keys file must fail before anything starts
         keys = KeysFile(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
         admin_keys = KeysFile(cfg.server.admin_keys_file) if cfg.server.admin_keys_file else None
@@ -122,6 +123,11 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         head = None if address else _head_processes()
         serve.start(proxy_location="Disabled")
         registry = create_registry()
+        launch, engine_key = _guarded(launch, registry)
+        fingerprint = engine_fingerprint(cfg, launch, plan.device)
+        # On a cluster of its own (--address), the engines outlive this process: a
+        # restarted ingress attaches to engines deployed with the same config.
+        attach = address is not None and _engines_running(registry, fingerprint)
         pool = ReplicaPool(registry)
         auto = cfg.router.autoscaling
         settings = IngressSettings(
@@ -149,11 +155,13 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         )
         app = build_app(settings, pool, cfg.router.response_cache)
         state = app.state.ingress
-        return asyncio.run(_serve(cfg, plan, app, state, pool, build_engine_app(cfg, launch, plan.device),
-                                  APP_NAME, sock))
+        engine_app = None if attach else build_engine_app(cfg, launch, plan.device)
+        if engine_app is not None:
+            ray.get(registry.set_fingerprint.remote(fingerprint))
+        return asyncio.run(_serve(cfg, plan, app, state, pool, engine_app, APP_NAME, sock))
     finally:
         sock.close()
-        _shutdown_ray(head)
+        _shutdown_ray(head, keep_engines=address is not None)
 
 
 async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int:
@@ -196,10 +204,12 @@ async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int
         await asyncio.sleep(0.05)
     port = server.servers[0].sockets[0].getsockname()[1]
     base = f"http://{srv.host}:{port}"
-    print(f"qwen-serve: listening on {base} (starting {plan.replicas} engine replica(s); "
+    doing = (f"starting {plan.replicas} engine replica(s)" if engine_app is not None
+             else "attaching to the engines already running on the cluster")
+    print(f"qwen-serve: listening on {base} ({doing}; "
           f"/health is up, /ready turns 200 when they answer)", flush=True)
-    deployer = threading.Thread(target=deploy, name="serve-deploy", daemon=True)
-    deployer.start()
+    if engine_app is not None:
+        threading.Thread(target=deploy, name="serve-deploy", daemon=True).start()
     announced = False
     while not serving.done():
         if deploy_error and not state.draining:
@@ -228,16 +238,32 @@ async def _drain(state, server: uvicorn.Server, timeout_s: float) -> None:
     server.should_exit = True
 
 
-def _guarded(launch: EngineLaunch) -> tuple[EngineLaunch, str]:
-    """The launch with the engines' credential (engine/guard.py), and the credential."""
+def _guarded(launch: EngineLaunch, registry) -> tuple[EngineLaunch, str]:
+    """The launch with the engines' credential (engine/guard.py), and the credential: the
+    one the cluster's engines already have, else $QWEN_SERVE_ENGINE_KEY, else a new one."""
     import dataclasses
     import secrets
 
+    import ray
+
     from .engine import guard
 
-    key = os.environ.get(guard.ENV) or secrets.token_urlsafe(32)
+    key = ray.get(registry.engine_key.remote(os.environ.get(guard.ENV) or secrets.token_urlsafe(32)))
     return dataclasses.replace(launch, argv=[*launch.argv, "--middleware", guard.MIDDLEWARE],
                                env={**launch.env, guard.ENV: key}), key
+
+
+def _engines_running(registry, fingerprint: str) -> bool:
+    """Whether the cluster runs this stack's engines, deployed with the same config."""
+    import ray
+    from ray import serve
+
+    from .engine.builder import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or app.status not in ("RUNNING", "DEPLOYING", "UNHEALTHY"):
+        return False
+    return ray.get(registry.fingerprint.remote()) == fingerprint
 
 
 def _start_reaper() -> None:
@@ -246,6 +272,31 @@ def _start_reaper() -> None:
 
     subprocess.Popen([sys.executable, "-m", "serving.reaper", str(os.getpid())],
                      stdin=subprocess.DEVNULL)
+
+
+def down(address: str) -> int:
+    """`qwen-serve down`: stop this stack's engines on a cluster and forget them (the
+    registry with their key); what `serve --address` leaves running for the next ingress."""
+    import ray
+    from ray import serve
+
+    from .engine.builder import APP_NAME
+    from .engine.registry import NAMESPACE, REGISTRY_NAME
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        running = APP_NAME in serve.status().applications
+        if running:
+            serve.delete(APP_NAME)  # returns once its replicas, and so their engines, stopped
+        try:
+            ray.kill(ray.get_actor(REGISTRY_NAME, namespace=NAMESPACE))
+        except ValueError:  # no registry: nothing was deployed
+            pass
+    finally:
+        ray.shutdown()
+    print("qwen-serve: engines stopped" if running else "qwen-serve: no engines were running")
+    return 0
 
 
 def _head_processes() -> list:
@@ -278,13 +329,19 @@ def _all_running(procs: list) -> bool:
         return False
 
 
-def _shutdown_ray(head: list | None) -> None:
+def _shutdown_ray(head: list | None, keep_engines: bool) -> None:
     """Stop Serve (its replicas stop their engines), then leave or stop Ray. ``head``: the
-    processes of the Ray head this process started, None when it joined a cluster."""
+    processes of the Ray head this process started, None when it joined a cluster, where
+    the engines are kept (``keep_engines``) for the next ingress: `qwen-serve down` ends them."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():
+        return
+    if keep_engines:
+        print("qwen-serve: the engines keep running on the cluster for the next ingress "
+              "(`qwen-serve down --address ADDRESS` stops them)", flush=True)
+        ray.shutdown()
         return
     # With the head going down there is nobody to ask: the engines stop on their own when
     # their replica's worker dies (engine/supervise.py), ray.shutdown() and the reaper

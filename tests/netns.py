@@ -62,23 +62,27 @@ class Namespace:
     def run(self, fn: Callable[[], T]) -> T:
         """Call ``fn`` on a thread inside this namespace: sockets it opens live there."""
         box: list = []
+        self.start(lambda: box.append(fn()), box).join()
+        if not box or isinstance(box[0], BaseException):
+            raise box[0] if box else RuntimeError("no result")
+        return box[0]
 
+    def start(self, fn: Callable[[], object], errors: list | None = None) -> threading.Thread:
+        """Start ``fn`` on a daemon thread inside this namespace; an exception it raises is
+        appended to ``errors``."""
         def target() -> None:
             try:
                 with open(f"/run/netns/{self.name}") as ns:
                     if ctypes.CDLL("libc.so.6", use_errno=True).setns(ns.fileno(), _CLONE_NEWNET) != 0:
                         raise OSError(ctypes.get_errno(), "setns failed")
-                box.append((True, fn()))
-            except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-                box.append((False, exc))
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                if errors is not None:
+                    errors.append(exc)
 
         thread = threading.Thread(target=target, daemon=True)
         thread.start()
-        thread.join()
-        ok, value = box[0]
-        if not ok:
-            raise value
-        return value
+        return thread
 
 
 def _stop_everything_in(namespaces: list[Namespace], grace_s: float = 10.0) -> None:

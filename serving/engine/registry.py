@@ -18,8 +18,27 @@ REGISTRY_NAME = "engine-registry"
 
 @ray.remote(num_cpus=0)
 class EngineRegistry:
+    """Detached: it outlives the ingress that made it, so a restarted ingress finds the
+    engines still running (and the replicas, which hold its handle, keep beating into it).
+    It also keeps what that ingress must share with the running engines: their key and
+    the fingerprint of the config they were deployed with."""
+
     def __init__(self) -> None:
         self._entries: dict[str, dict] = {}
+        self._engine_key: str | None = None
+        self._fingerprint: str | None = None
+
+    def engine_key(self, proposed: str) -> str:
+        """The engines' key: the first one proposed, for every later ingress."""
+        if self._engine_key is None:
+            self._engine_key = proposed
+        return self._engine_key
+
+    def fingerprint(self) -> str | None:
+        return self._fingerprint
+
+    def set_fingerprint(self, fingerprint: str) -> None:
+        self._fingerprint = fingerprint
 
     def register(self, replica_id: str, url: str, pid: int) -> None:
         self._entries[replica_id] = {"replica_id": replica_id, "url": url, "pid": pid,
@@ -35,7 +54,7 @@ class EngineRegistry:
 
 
 def create_registry() -> "ray.actor.ActorHandle":
-    return EngineRegistry.options(name=REGISTRY_NAME, namespace=NAMESPACE,
+    return EngineRegistry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
                                   get_if_exists=True).remote()
 
 
