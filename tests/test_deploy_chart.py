@@ -61,6 +61,7 @@ def test_4x4090d_profile_requests_four_gpus_for_four_tp1_replicas(tmp_path):
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 4
     assert container["command"] == ["qwen-serve", "serve", "--config", "/etc/qwen-serve/config.yaml"]
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert pod["automountServiceAccountToken"] is False  # nothing in it talks to the API server
     assert not [d for d in docs if d["kind"] == "RayService"]
 
 
@@ -277,3 +278,26 @@ def test_network_policy_opens_only_the_api_port_to_clients(values):
     else:
         assert len(server["ingress"]) == 1  # standalone: engines on loopback, only the API
     assert not policies
+
+
+def test_kuberay_pods_can_start_and_are_hardened(tmp_path):
+    extra = tmp_path / "shared-cache.yaml"
+    extra.write_text("kuberay: {worker: {modelCacheClaim: shared-weights}}\n")
+    cluster = one(render(CHART / "values-7b-tp4-kuberay.yaml", "-f", str(extra)),
+                  "RayService")["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    worker = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    # The ingress reaches the head's raylet through the Unix sockets under /tmp/ray.
+    for container in head["containers"]:
+        assert {"name": "ray-tmp", "mountPath": "/tmp/ray"} in container["volumeMounts"], container["name"]
+    assert {"name": "ray-tmp", "emptyDir": {}} in head["volumes"]
+    # Probes of its own, so KubeRay adds none that wait for a Serve proxy.
+    ray_worker = worker["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "local_raylet_healthz" in " ".join(ray_worker[probe]["exec"]["command"])
+    assert {"name": "hf-cache", "persistentVolumeClaim": {"claimName": "shared-weights"}} in worker["volumes"]
+    # Autoscaling is on in this profile: only the head (KubeRay's autoscaler) gets an API token.
+    assert head["automountServiceAccountToken"] is True and worker["automountServiceAccountToken"] is False
+    for pod in (head, worker):
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["securityContext"]["runAsNonRoot"] is True

@@ -29,6 +29,7 @@ from typing import Iterator
 import httpx
 import openai
 import pytest
+import yaml
 
 from benchmarks.stacks import DEFAULT_CONFIG, ROOT
 from netns import Namespace, available, veth_pair
@@ -170,6 +171,19 @@ def test_chat_is_served_through_the_ingress_by_an_engine_on_the_other_node(clust
     assert plain and plain == streamed  # temperature 0: the same answer either way
 
 
+def test_the_registry_lives_on_the_head_node(cluster):
+    """Not on a worker node the autoscaler may remove: it holds the engines' key."""
+    code = ("import ray; from serving.engine.registry import get_registry;"
+            f"ray.init(address='{cluster.head.address}:{RAY_PORT}', log_to_driver=False,"
+            " logging_level='error');"
+            "print(ray.get(get_registry().pid.remote()))")
+    out = subprocess.run(cluster.head.command(sys.executable, "-c", code), env=cluster.env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pid = int(out.stdout.strip().splitlines()[-1])
+    assert cluster.head.holds(pid) and not cluster.worker.holds(pid)
+
+
 def test_the_engine_process_runs_in_the_worker_namespace(cluster):
     port = httpx.URL(engine_url(cluster)).port
     out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, timeout=30)
@@ -182,6 +196,25 @@ def test_the_engine_process_runs_in_the_worker_namespace(cluster):
     assert pids and all(cluster.worker.holds(pid) for pid in pids)
     assert not [pid for pid in cluster.head.pids()
                 if b"vllm.entrypoints" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def chart_worker_probe() -> list[str]:
+    """The readiness probe the Helm chart gives KubeRay's worker pods."""
+    rendered = subprocess.run(["bash", str(ROOT / "deploy/check.sh"), "render",
+                               str(ROOT / "helm/qwen-serve/values-7b-tp4-kuberay.yaml")],
+                              capture_output=True, text=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    (service,) = [d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "RayService"]
+    (worker,) = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return worker["template"]["spec"]["containers"][0]["readinessProbe"]["exec"]["command"]
+
+
+def test_the_charts_worker_probe_passes_on_a_real_worker_node(cluster):
+    """The chart sets its own worker probe (KubeRay's default asks for a Serve proxy this
+    stack never runs): it must pass on a live, token-authenticated worker node."""
+    ok = subprocess.run(cluster.worker.command(*chart_worker_probe()), env=cluster.env,
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr[-2000:]
 
 
 ENGINE_ROUTES = [("POST", "/v1/chat/completions",

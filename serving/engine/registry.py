@@ -8,6 +8,7 @@ beating (its replica died) ages out.
 
 from __future__ import annotations
 
+import os
 import time
 
 import ray
@@ -47,15 +48,24 @@ class EngineRegistry:
     def deregister(self, replica_id: str) -> None:
         self._entries.pop(replica_id, None)
 
+    def pid(self) -> int:
+        """Its own process (tests check which node it runs on)."""
+        return os.getpid()
+
     def snapshot(self, max_age_s: float) -> list[dict]:
         now = time.monotonic()
         self._entries = {k: v for k, v in self._entries.items() if now - v["seen"] <= max_age_s}
         return [dict(v, age_s=now - v["seen"]) for v in self._entries.values()]
 
 
+# Ray's head node carries this resource: the registry must not live on a worker node that
+# the autoscaler may remove (its entries, the engines' key and fingerprint would go too).
+HEAD_NODE = {"node:__internal_head__": 0.001}
+
+
 def create_registry() -> "ray.actor.ActorHandle":
     return EngineRegistry.options(name=REGISTRY_NAME, namespace=NAMESPACE, lifetime="detached",
-                                  get_if_exists=True).remote()
+                                  get_if_exists=True, resources=HEAD_NODE).remote()
 
 
 def get_registry() -> "ray.actor.ActorHandle":

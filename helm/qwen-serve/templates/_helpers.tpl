@@ -62,7 +62,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/*
 The container that runs `qwen-serve serve`: the router/ingress plus (standalone) the
-Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEnv" LIST).
+Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEnv" LIST "extraMounts" LIST).
 */}}
 {{- define "qwen-serve.serveContainer" -}}
 {{- $root := .root -}}
@@ -141,6 +141,9 @@ Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEn
       mountPath: /var/cache/qwen-serve
     - name: dshm
       mountPath: /dev/shm
+    {{- with .extraMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
     {{- include "qwen-serve.adaptersMount" $root | nindent 4 }}
     {{- if $root.Values.secrets.apiKeys.existingSecret }}
     - name: api-keys
@@ -199,4 +202,17 @@ Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEn
 {{- fail (printf "serving.model.adapters.%s reads %s, under adapters.mountPath, but adapters.existingClaim is not set: nothing is mounted there" $name $adapter.source) }}
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* A Ray worker node is alive and ready when its raylet is: asked of the node's
+dashboard agent (port 52365; this endpoint needs no token).
+tests/test_multinode.py runs this very command against a real worker node. */}}
+{{- define "qwen-serve.rayletProbe" -}}
+exec:
+  command:
+    - python3
+    - -c
+    - "import sys, urllib.request as u; sys.exit(0 if b'success' in u.urlopen('http://127.0.0.1:52365/api/local_raylet_healthz', timeout=2).read() else 1)"
+periodSeconds: 10
+timeoutSeconds: 5
 {{- end }}
