@@ -156,6 +156,10 @@ class ResponseCacheConfig(_Section):
     ttl_s: float = Field(default=600.0, gt=0)
     redis_url: str | None = None
     max_entry_bytes: int = Field(default=1 << 20, gt=0)
+    # `x-cache: hit` on an answer from the cache. per_key: only when API keys are on (each
+    # key has its own cache); with keys off every client shares one, and the header would
+    # tell anyone that someone else asked the same. always: a single-tenant deployment.
+    hit_header: Literal["per_key", "always", "never"] = "per_key"
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> "ResponseCacheConfig":

@@ -45,6 +45,8 @@ def stack(tmp_path_factory):
     started = start_stack(tmp, "--set", "engine.runtime_lora=true",
                           "--set", f"server.admin_keys_file={tmp / 'admin-keys.txt'}",
                           "--set", f"server.state_dir={tmp / 'state'}",
+                          # No API keys here: only a single-tenant stack says a cached answer is one.
+                          "--set", "router.response_cache.hit_header=always",
                           name="lora", config=CONFIG, timeout_s=900)
     try:
         yield started

@@ -20,8 +20,9 @@ import pytest
 import uvicorn
 from aiohttp import web
 
-from serving.config import LimitsConfig
+from serving.config import LimitsConfig, ResponseCacheConfig
 from serving.ingress.app import IngressSettings, build_app
+from serving.ingress.auth import ApiKeys, key_digest
 from serving.ingress.pool import ReplicaPool
 from serving.ports import bind_reusable
 
@@ -75,11 +76,11 @@ class FixedRegistry:
 
 
 @contextlib.asynccontextmanager
-async def ingress(replicas: list[str], **settings):
+async def ingress(replicas: list[str], cache: ResponseCacheConfig | None = None, **settings):
     """The real ingress app in front of ``replicas`` (engine URLs), on a free port."""
     app = build_app(IngressSettings(model="m", expected_replicas=len(replicas), **settings),
                     ReplicaPool(FixedRegistry([{"replica_id": f"r{i}", "url": u, "pid": 0}
-                                               for i, u in enumerate(replicas)])))
+                                               for i, u in enumerate(replicas)])), cache)
     sock = bind_reusable("127.0.0.1")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     task = asyncio.create_task(server.serve(sockets=[sock]))
@@ -252,3 +253,21 @@ async def test_ready_stays_200_while_enough_replicas_answer(engine, up, min_read
     assert sorted(r["ready"] for r in body["replicas"]) == sorted([True] * up + [False] * (2 - up))
     # The degraded replica shows in the metrics too.
     assert f'qwen_serve_replicas{{state="unready"}} {2 - up}.0' in metrics
+
+
+@pytest.mark.parametrize("keys, hit_header, announced", [
+    (False, "per_key", False), (True, "per_key", True), (False, "always", True), (True, "never", False)])
+async def test_a_cached_answer_says_so_only_where_the_cache_is_per_key(engine, keys, hit_header, announced):
+    """With keys off every client shares one cache: `x-cache: hit` would tell anyone that
+    someone else asked the same (unless configured for a single-tenant deployment)."""
+    key = "sk-pipeline-test-key"
+    settings = {"api_keys": ApiKeys((key_digest(key),))} if keys else {}
+    headers = {"authorization": f"Bearer {key}"} if keys else {}
+    async with ingress([engine], ResponseCacheConfig(hit_header=hit_header), **settings) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as c:
+            body = {"prompt": "same question", "max_tokens": 4, "temperature": 0}
+            first, again = [await c.post("/v1/completions", json=body) for _ in range(2)]
+    assert first.status_code == again.status_code == 200 and first.content == again.content
+    assert "x-cache" not in first.headers
+    assert (again.headers.get("x-cache") == "hit") is announced
+    assert state.metrics.cache.labels("hit")._value.get() == 1  # served from the cache either way

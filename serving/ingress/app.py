@@ -270,9 +270,12 @@ def _make_cache(cfg: ResponseCacheConfig | None, metrics: RouterMetrics):
     if cfg is None or not cfg.enabled:
         return None
     if cfg.backend == "redis":
-        return RedisResponseCache(cfg.redis_url, cfg.ttl_s, max_entry_bytes=cfg.max_entry_bytes,
-                                  metrics_counter=metrics.cache)
-    return ResponseCache(cfg.max_bytes, cfg.ttl_s, metrics.cache)
+        cache = RedisResponseCache(cfg.redis_url, cfg.ttl_s, max_entry_bytes=cfg.max_entry_bytes,
+                                   metrics_counter=metrics.cache)
+    else:
+        cache = ResponseCache(cfg.max_bytes, cfg.ttl_s, metrics.cache)
+    cache.hit_header = cfg.hit_header
+    return cache
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

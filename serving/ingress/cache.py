@@ -139,8 +139,15 @@ def _normalize(body: dict) -> dict:
 class _KeyedCache:
     """Key derivation and counting shared by every backend."""
 
+    # Whether an answer from the cache says so (config: response_cache.hit_header).
+    hit_header: str = "per_key"
+
     def __init__(self, metrics_counter: Any = None) -> None:
         self._counter = metrics_counter
+
+    def announces_hit(self, scope: str) -> bool:
+        """`x-cache: hit` for a request of this cache scope (a key's id, or "" with keys off)."""
+        return self.hit_header == "always" or (self.hit_header == "per_key" and bool(scope))
 
     def _count(self, result: str) -> None:
         if self._counter is not None:

@@ -176,7 +176,8 @@ async def handle(request: Request, state: IngressState, path: str, route: str) -
                 if admitted.body.get("stream") is True:
                     state.metrics.ttfb.labels(route, model_label).observe(time.perf_counter() - started)
                 return finish(state, route, model_label, started,
-                              from_cache(route, admitted.body, hit))
+                              from_cache(route, admitted.body, hit,
+                                         state.cache.announces_hit(admitted.key_id or "")))
     headers = {"content-type": "application/json"}
     if rid := request.headers.get("x-request-id"):
         headers["x-request-id"] = rid
@@ -399,9 +400,10 @@ async def _read_plain(state: IngressState, ctx: RequestContext, lease: Lease,
     return Response(content, status_code=resp.status, headers=out_headers)
 
 
-def from_cache(route: str, body: dict, hit: CachedResponse) -> Response:
-    """Serve a cached answer in the shape asked for (SSE or one JSON body)."""
-    headers = {"x-cache": "hit"}
+def from_cache(route: str, body: dict, hit: CachedResponse, announce: bool) -> Response:
+    """Serve a cached answer in the shape asked for (SSE or one JSON body); ``announce``
+    adds `x-cache: hit`."""
+    headers = {"x-cache": "hit"} if announce else {}
     if body.get("stream") is True:
         options = body.get("stream_options")
         usage = isinstance(options, dict) and bool(options.get("include_usage"))
