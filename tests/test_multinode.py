@@ -136,16 +136,22 @@ def _replica(cluster: Cluster) -> dict:
     return replicas[0]
 
 
-def engine_url(cluster: Cluster) -> str:
-    """The engine's URL as the ingress uses it (the registry's entry)."""
+def ask_registry(cluster: Cluster, call: str):
+    """``call`` on the registry actor (e.g. ``snapshot.remote(60.0)``), from a driver in the
+    head's namespace that has the cluster's token; its result, through JSON."""
     code = ("import json, ray; from serving.engine.registry import get_registry;"
             f"ray.init(address='{cluster.head.address}:{RAY_PORT}', log_to_driver=False,"
             " logging_level='error');"
-            "print(json.dumps(ray.get(get_registry().snapshot.remote(3600.0))))")
+            f"print(json.dumps(ray.get(get_registry().{call})))")
     out = subprocess.run(cluster.head.command(sys.executable, "-c", code), env=cluster.env,
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
-    entries = json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def engine_url(cluster: Cluster) -> str:
+    """The engine's URL as the ingress uses it (the registry's entry)."""
+    entries = ask_registry(cluster, "snapshot.remote(3600.0)")
     assert len(entries) == 1, entries
     return entries[0]["url"]
 
@@ -173,14 +179,7 @@ def test_chat_is_served_through_the_ingress_by_an_engine_on_the_other_node(clust
 
 def test_the_registry_lives_on_the_head_node(cluster):
     """Not on a worker node the autoscaler may remove: it holds the engines' key."""
-    code = ("import ray; from serving.engine.registry import get_registry;"
-            f"ray.init(address='{cluster.head.address}:{RAY_PORT}', log_to_driver=False,"
-            " logging_level='error');"
-            "print(ray.get(get_registry().pid.remote()))")
-    out = subprocess.run(cluster.head.command(sys.executable, "-c", code), env=cluster.env,
-                         capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    pid = int(out.stdout.strip().splitlines()[-1])
+    pid = ask_registry(cluster, "pid.remote()")
     assert cluster.head.holds(pid) and not cluster.worker.holds(pid)
 
 
