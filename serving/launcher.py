@@ -97,6 +97,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     import ray
     from ray import serve
 
+    from .engine import guard
     from .engine.builder import APP_NAME, build_engine_app, engine_fingerprint
     from .engine.registry import create_registry
     from .ingress.app import IngressSettings, build_app
@@ -128,7 +129,7 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         # On a cluster of its own (--address), the engines outlive this process: a
         # restarted ingress attaches to engines deployed with the same config.
         attach = address is not None and _engines_running(registry, fingerprint)
-        pool = ReplicaPool(registry)
+        pool = ReplicaPool(registry, accept=lambda entry: guard.entry_signed(engine_key, entry))
         auto = cfg.router.autoscaling
         settings = IngressSettings(
             model=cfg.served_model_name,
@@ -239,8 +240,9 @@ async def _drain(state, server: uvicorn.Server, timeout_s: float) -> None:
 
 
 def _guarded(launch: EngineLaunch, registry) -> tuple[EngineLaunch, str]:
-    """The launch with the engines' credential (engine/guard.py), and the credential: the
-    one the cluster's engines already have, else $QWEN_SERVE_ENGINE_KEY, else a new one."""
+    """The launch with the engines' credential (engine/guard.py), and the credential:
+    $QWEN_SERVE_ENGINE_KEY when the deployment provides it (never stored on the cluster),
+    else the one the cluster's engines already have, else a new one."""
     import dataclasses
     import secrets
 
@@ -248,7 +250,7 @@ def _guarded(launch: EngineLaunch, registry) -> tuple[EngineLaunch, str]:
 
     from .engine import guard
 
-    key = ray.get(registry.engine_key.remote(os.environ.get(guard.ENV) or secrets.token_urlsafe(32)))
+    key = os.environ.get(guard.ENV) or ray.get(registry.engine_key.remote(secrets.token_urlsafe(32)))
     return dataclasses.replace(launch, argv=[*launch.argv, "--middleware", guard.MIDDLEWARE],
                                env={**launch.env, guard.ENV: key}), key
 

@@ -55,3 +55,16 @@ def test_an_engine_told_to_guard_itself_does_not_start_without_a_key(monkeypatch
     monkeypatch.delenv(guard.ENV, raising=False)
     with pytest.raises(RuntimeError, match=guard.ENV):
         guard.EngineKeyMiddleware(Starlette())
+
+
+def test_a_registry_entry_counts_only_when_the_engine_key_signed_it():
+    """Anyone with the cluster's token can write to the registry; the ingress routes only
+    to entries a holder of the engine key signed."""
+    from serving.engine.guard import entry_signed, sign_entry
+
+    entry = {"replica_id": "r1", "url": "http://10.0.0.2:8001", "pid": 42}
+    signed = {**entry, "proof": sign_entry("the-key", "r1", entry["url"], 42)}
+    assert entry_signed("the-key", signed)
+    assert not entry_signed("another-key", signed)
+    assert not entry_signed("the-key", {**signed, "url": "http://10.0.0.9:8001"})  # moved elsewhere
+    assert not entry_signed("the-key", entry)  # no proof at all

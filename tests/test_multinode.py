@@ -183,6 +183,23 @@ def test_the_registry_lives_on_the_head_node(cluster):
     assert cluster.head.holds(pid) and not cluster.worker.holds(pid)
 
 
+def test_an_entry_not_signed_with_the_engine_key_is_never_routed_to(cluster):
+    """Any holder of the cluster's token can write to the registry. The engine key (here
+    provided by the deployment, so never stored on the cluster) signs the replicas'
+    entries; the ingress ignores the rest."""
+    decoy = f"http://{cluster.head.address}:9"  # inside our own namespace; nothing listens
+    ask_registry(cluster, f"register.remote('decoy', '{decoy}', 1, 'not-a-proof')")
+    assert "decoy" in {e["replica_id"] for e in ask_registry(cluster, "snapshot.remote(3600.0)")}
+    time.sleep(1.5)  # past the pool's refresh and the cached /ready answer
+    ready = cluster.get("/ready").json()
+    assert [r["replica"] for r in ready["replicas"]] != [] and all(
+        r["replica"] != "decoy" for r in ready["replicas"]), ready
+    served = cluster.head.run(lambda: [httpx.post(f"{cluster.base_url}/v1/completions", timeout=60,
+                                                  json={"prompt": "Hi", "max_tokens": 2}).status_code
+                                       for _ in range(4)])
+    assert served == [200] * 4
+
+
 def test_the_engine_process_runs_in_the_worker_namespace(cluster):
     port = httpx.URL(engine_url(cluster)).port
     out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, timeout=30)

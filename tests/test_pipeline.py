@@ -271,3 +271,11 @@ async def test_a_cached_answer_says_so_only_where_the_cache_is_per_key(engine, k
     assert "x-cache" not in first.headers
     assert (again.headers.get("x-cache") == "hit") is announced
     assert state.metrics.cache.labels("hit")._value.get() == 1  # served from the cache either way
+
+
+async def test_the_pool_never_takes_an_entry_its_check_refuses():
+    entries = [{"replica_id": "real", "url": "http://127.0.0.1:1", "pid": 1},
+               {"replica_id": "decoy", "url": "http://127.0.0.1:2", "pid": 2}]
+    pool = ReplicaPool(FixedRegistry(entries), accept=lambda entry: entry["replica_id"] == "real")
+    await pool.refresh()
+    assert [r.replica_id for r in pool.replicas] == ["real"]

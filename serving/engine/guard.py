@@ -38,6 +38,20 @@ def headers(key: str | None) -> dict[str, str]:
     return {HEADER: key} if key else {}
 
 
+def sign_entry(key: str, replica_id: str, url: str, pid: int) -> str:
+    """A replica's proof, in its registry entry, that it is one of the deployment's
+    engines: whoever can reach the registry (any holder of the cluster's Ray token) can
+    write an entry, but only a holder of the engine key can sign one."""
+    message = f"{replica_id}\n{url}\n{pid}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def entry_signed(key: str, entry: dict) -> bool:
+    """Whether a registry entry carries a valid proof for ``key``."""
+    expected = sign_entry(key, entry["replica_id"], entry["url"], entry["pid"])
+    return hmac.compare_digest(expected, str(entry.get("proof", "")))
+
+
 def _digest(value: bytes) -> bytes:
     return hashlib.sha256(value).digest()
 

@@ -21,8 +21,8 @@ REGISTRY_NAME = "engine-registry"
 class EngineRegistry:
     """Detached: it outlives the ingress that made it, so a restarted ingress finds the
     engines still running (and the replicas, which hold its handle, keep beating into it).
-    It also keeps what that ingress must share with the running engines: their key and
-    the fingerprint of the config they were deployed with."""
+    It also keeps what that ingress must share with the running engines: the fingerprint
+    of the config they were deployed with, and their key unless the deployment provides it."""
 
     def __init__(self) -> None:
         self._entries: dict[str, dict] = {}
@@ -30,7 +30,9 @@ class EngineRegistry:
         self._fingerprint: str | None = None
 
     def engine_key(self, proposed: str) -> str:
-        """The engines' key: the first one proposed, for every later ingress."""
+        """The engines' key: the first one proposed, for every later ingress. Used only
+        when the deployment does not provide one ($QWEN_SERVE_ENGINE_KEY, e.g. from a
+        Secret): kept here, any holder of the cluster's token could read it."""
         if self._engine_key is None:
             self._engine_key = proposed
         return self._engine_key
@@ -41,9 +43,11 @@ class EngineRegistry:
     def set_fingerprint(self, fingerprint: str) -> None:
         self._fingerprint = fingerprint
 
-    def register(self, replica_id: str, url: str, pid: int) -> None:
+    def register(self, replica_id: str, url: str, pid: int, proof: str = "") -> None:
+        # Anyone on the cluster can write here; the ingress routes only to entries whose
+        # proof the engine key signed (guard.sign_entry).
         self._entries[replica_id] = {"replica_id": replica_id, "url": url, "pid": pid,
-                                     "seen": time.monotonic()}
+                                     "proof": proof, "seen": time.monotonic()}
 
     def deregister(self, replica_id: str) -> None:
         self._entries.pop(replica_id, None)

@@ -38,7 +38,8 @@ class EngineReplica:
             # Bound to all interfaces (replicas on several nodes): advertise this node's IP.
             advertise = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
             self.url = f"http://{advertise}:{self.port}"
-            self._headers = guard.headers(launch.env.get(guard.ENV))
+            self._key = launch.env.get(guard.ENV)
+            self._headers = guard.headers(self._key)
             env = {**os.environ, **launch.env_for_replica(rank, ctx.world_size)}
             env = {k: v for k, v in env.items() if v != ""}
             cmd = launch.command(host, self.port)
@@ -71,7 +72,8 @@ class EngineReplica:
         raise TimeoutError(f"engine not healthy after {timeout_s:.0f}s")
 
     def _beat(self) -> None:
-        self._registry.register.remote(self.replica_id, self.url, self.engine_pid)
+        proof = guard.sign_entry(self._key, self.replica_id, self.url, self.engine_pid) if self._key else ""
+        self._registry.register.remote(self.replica_id, self.url, self.engine_pid, proof)
 
     def _heartbeat(self) -> None:
         while not self._stopping.wait(HEARTBEAT_S):

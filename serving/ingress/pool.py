@@ -58,8 +58,12 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, registry) -> None:
+    def __init__(self, registry, accept: Callable[[dict], bool] | None = None) -> None:
         self._registry = registry
+        # Which registry entries are the deployment's engines (the launcher checks the
+        # entry's proof); the others are never routed to.
+        self._accept = accept
+        self._refused: set[str] = set()
         self._replicas: dict[str, Replica] = {}
         self._task: asyncio.Task | None = None
         # Run for each replica that joins before it gets traffic; True when it is done.
@@ -78,6 +82,11 @@ class ReplicaPool:
         fresh: dict[str, Replica] = {}
         for entry in entries:
             rid = entry["replica_id"]
+            if self._accept is not None and not self._accept(entry):
+                if rid not in self._refused:
+                    self._refused.add(rid)
+                    logger.warning("registry entry %s is not signed by the engine key: ignored", rid)
+                continue
             known = self._replicas.get(rid)
             if known is not None and known.url == entry["url"]:
                 fresh[rid] = known
