@@ -91,6 +91,9 @@ def test_the_kuberay_cluster_asks_for_ray_token_and_the_ingress_has_it():
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"] == {
         "secretKeyRef": {"name": "qwen-serve-ray-token", "key": "auth_token"}}
+    # The engine key comes from the deployment, so the registry never keeps it.
+    assert env["QWEN_SERVE_ENGINE_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "qwen-serve-engine-key", "key": "engine-key"}}
 
 
 def test_kuberay_without_a_ray_token_secret_is_refused(tmp_path):

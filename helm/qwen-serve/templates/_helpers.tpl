@@ -89,6 +89,14 @@ Ray head and the engines. Call with (dict "root" $ "gpus" N "args" LIST "extraEn
           name: {{ . }}
           key: {{ $root.Values.secrets.hfToken.key }}
     {{- end }}
+    {{- with $root.Values.secrets.engineKey.existingSecret }}
+    # The engines' key from the deployment, so it is never stored on the Ray cluster.
+    - name: QWEN_SERVE_ENGINE_KEY
+      valueFrom:
+        secretKeyRef:
+          name: {{ . }}
+          key: {{ $root.Values.secrets.engineKey.key }}
+    {{- end }}
     {{- if $root.Values.secrets.apiKeys.existingSecret }}
     - name: QWEN_SERVE__SERVER__API_KEYS_FILE
       value: /etc/qwen-serve/secrets/{{ $root.Values.secrets.apiKeys.key }}
