@@ -99,13 +99,14 @@ def cluster(tmp_path_factory) -> Iterator[Cluster]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _start_ingress(head: Namespace, env: dict[str, str], log: Path) -> subprocess.Popen:
+def _start_ingress(head: Namespace, env: dict[str, str], log: Path,
+                   port: int = INGRESS_PORT) -> subprocess.Popen:
     """`qwen-serve serve` in the head's namespace, joined to the cluster."""
     with log.open("wb") as out:
         return subprocess.Popen(
             head.command(sys.executable, "-m", "serving", "serve", "--config", str(DEFAULT_CONFIG),
                          "--address", f"{head.address}:{RAY_PORT}",
-                         "--host", "127.0.0.1", "--port", str(INGRESS_PORT),
+                         "--host", "127.0.0.1", "--port", str(port),
                          # Engines listen on their node's address, for the ingress on the other.
                          "--set", "server.replica_host=0.0.0.0",
                          "--set", "engine.enforce_eager=true",
@@ -327,6 +328,36 @@ def test_zz_a_restarted_ingress_attaches_to_the_engines_it_left_running(cluster,
     assert "attaching to the engines already running" in (tmp_path / "restarted.log").read_text()
     # Generous (the acceptance figure is 5 s, measured above): a redeploy would take a minute.
     assert serving_after < 30
+
+
+def test_zz_b_a_second_ingress_serves_the_same_engines_beside_the_first(cluster, tmp_path):
+    """Two ingress instances (HA): the second attaches to the running engines, both serve,
+    and stopping one leaves the engines to the other. Each instance keeps its own limits
+    and in-flight counts (README: several ingress instances)."""
+    engines = engine_processes(cluster.worker)
+    log = tmp_path / "second.log"
+    second = _start_ingress(cluster.head, cluster.env, log, port=INGRESS_PORT + 1)
+    try:
+        base = f"http://127.0.0.1:{INGRESS_PORT + 1}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert second.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                if cluster.head.run(lambda: httpx.get(f"{base}/ready", timeout=10).status_code) == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        body = {"prompt": "Hi", "max_tokens": 2}
+        both = cluster.head.run(lambda: [httpx.post(f"{b}/v1/completions", json=body, timeout=60).status_code
+                                         for b in (cluster.base_url, base)])
+        assert both == [200, 200]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(90)
+    assert second.returncode == 0 and "attaching to the engines already running" in log.read_text()
+    assert engine_processes(cluster.worker) == engines
+    assert cluster.get("/ready").status_code == 200  # the first one still serves
 
 
 def test_zzz_down_stops_the_engines(cluster):
