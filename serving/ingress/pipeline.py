@@ -106,7 +106,7 @@ class Lease:
     def __init__(self, state: IngressState, ctx: RequestContext, replica: Replica) -> None:
         self.state, self.ctx, self.replica = state, ctx, replica
         self._held = True
-        replica.in_flight += 1
+        replica.lease(1)
         state.metrics.in_flight.labels(ctx.route).inc()
 
     def release(self, status: int | None) -> None:
@@ -114,7 +114,7 @@ class Lease:
         if not self._held:
             return
         self._held = False
-        self.replica.in_flight -= 1
+        self.replica.lease(-1)
         self.state.metrics.in_flight.labels(self.ctx.route).dec()
         if status is not None:
             record(self.state, self.ctx.route, self.ctx.model_label, self.ctx.started, status)

@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from .board import InFlightBoard
+
 logger = logging.getLogger("qwen_serve.pool")
 
 # A replica whose heartbeat is older than this is considered gone.
@@ -29,7 +31,12 @@ class Replica:
     replica_id: str
     url: str
     pid: int
-    in_flight: int = 0
+    # With several ingress workers: the shared table of in-flight counts (board.py)
+    # and this replica's column in it; None: this process's own count is the count.
+    board: InFlightBoard | None = field(default=None, repr=False, compare=False)
+    slot: int = -1
+    # Requests this process has in flight on the replica (its leases).
+    own_in_flight: int = 0
     down_until: float = 0.0
     # When the engine last sent bytes for a request (monotonic). A replica busy with
     # work it is visibly doing is alive; a probe would only queue behind that work.
@@ -39,6 +46,23 @@ class Replica:
     # Adapters this replica was last given requests for, least recent first; the
     # ingress's view of the engine's LoRA slots (adapter_routing.py keeps it).
     recent_adapters: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on the replica, from every ingress worker."""
+        if self.board is None:
+            return self.own_in_flight
+        return self.board.count(self.slot)
+
+    @in_flight.setter
+    def in_flight(self, value: int) -> None:  # tests and single-process callers
+        self.lease(value - self.own_in_flight)
+
+    def lease(self, delta: int) -> None:
+        """Take (1) or give back (-1) one of this process's in-flight slots."""
+        self.own_in_flight += delta
+        if self.board is not None:
+            self.board.add(self.slot, delta)
 
     @property
     def available(self) -> bool:
@@ -58,8 +82,13 @@ class Replica:
 
 
 class ReplicaPool:
-    def __init__(self, registry, accept: Callable[[dict], bool] | None = None) -> None:
+    """The replicas a process routes to. ``registry``: the Ray registry actor (polled), or
+    None in an ingress worker, whose launcher pushes the list (``update``)."""
+
+    def __init__(self, registry, accept: Callable[[dict], bool] | None = None,
+                 board: InFlightBoard | None = None) -> None:
         self._registry = registry
+        self._board = board
         # Which registry entries are the deployment's engines (the launcher checks the
         # entry's proof); the others are never routed to.
         self._accept = accept
@@ -78,7 +107,11 @@ class ReplicaPool:
         return [r for r in self._replicas.values() if r.available]
 
     async def refresh(self) -> None:
-        entries = await self._registry.snapshot.remote(REGISTRY_MAX_AGE_S)
+        self.update(await self._registry.snapshot.remote(REGISTRY_MAX_AGE_S))
+
+    def update(self, entries: list[dict]) -> None:
+        """Make the pool the replicas of ``entries`` (registry entries; with a ``slot``
+        in the shared in-flight table when there are several workers)."""
         fresh: dict[str, Replica] = {}
         for entry in entries:
             rid = entry["replica_id"]
@@ -88,10 +121,12 @@ class ReplicaPool:
                     logger.warning("registry entry %s is not signed by the engine key: ignored", rid)
                 continue
             known = self._replicas.get(rid)
-            if known is not None and known.url == entry["url"]:
+            slot = entry.get("slot", -1)
+            if known is not None and known.url == entry["url"] and known.slot == slot:
                 fresh[rid] = known
             else:
-                fresh[rid] = replica = Replica(rid, entry["url"], entry["pid"])
+                fresh[rid] = replica = Replica(rid, entry["url"], entry["pid"],
+                                               board=self._board, slot=slot)
                 logger.info("engine replica %s at %s joined", rid, entry["url"])
                 if self.on_join is not None:
                     replica.joining = True
@@ -121,6 +156,8 @@ class ReplicaPool:
             await asyncio.sleep(period_s)
 
     def start(self, period_s: float = 0.5) -> None:
+        if self._registry is None:  # pushed by the launcher (update)
+            return
         self._task = asyncio.get_running_loop().create_task(self._run(period_s))
 
     async def stop(self) -> None:
@@ -132,3 +169,21 @@ class ReplicaPool:
                 await self._task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
+
+
+class FixedRegistry:
+    """A registry whose answer never changes: engines this process was told about
+    (`qwen-serve ingress --engine URL`, the relay benchmark), not found through Ray.
+    Same interface as the Ray actor's: ``await registry.snapshot.remote(max_age_s)``."""
+
+    def __init__(self, entries: list[dict]) -> None:
+        self.entries = entries
+        self.snapshot = _FixedSnapshot(self)
+
+
+class _FixedSnapshot:
+    def __init__(self, registry: FixedRegistry) -> None:
+        self._registry = registry
+
+    async def remote(self, max_age_s: float) -> list[dict]:
+        return [dict(e) for e in self._registry.entries]

@@ -95,4 +95,10 @@ class IngressState:
 
     @property
     def in_flight(self) -> int:
+        """Requests in flight on every replica, from every ingress worker."""
         return sum(r.in_flight for r in self.pool.replicas)
+
+    @property
+    def own_in_flight(self) -> int:
+        """Requests this process is relaying (what its drain waits for)."""
+        return sum(r.own_in_flight for r in self.pool.replicas)
