@@ -19,7 +19,7 @@ from starlette.responses import Response
 from ..config import LimitsConfig
 from .auth import ApiKeys, KeysFile, bearer_token
 from .errors import error_response
-from .limits import KeyLimiter
+from .limits import KeyLimiter, Limiter
 from .shape import ShapeError, check, estimate_tokens
 from .routing import routing_text
 
@@ -47,12 +47,14 @@ class Rejected(Exception):
 
 class Admission:
     def __init__(self, limits: LimitsConfig, keys: ApiKeys | KeysFile | None,
-                 default_model: str = "", body_timeout_s: float = 60.0) -> None:
+                 default_model: str = "", body_timeout_s: float = 60.0,
+                 limiter: Limiter | None = None) -> None:
         self.limits = limits
         self.body_timeout_s = body_timeout_s
         self.keys = keys
         self.default_model = default_model  # what a request without "model" gets
-        self.limiter = KeyLimiter(limits.requests_per_minute, limits.tokens_per_minute)
+        self.limiter: Limiter = limiter or KeyLimiter(limits.requests_per_minute,
+                                                      limits.tokens_per_minute)
 
     def authenticate(self, request: Request) -> str | None:
         """The caller's key id, or None when keys are off; raises Rejected(401)."""
@@ -99,7 +101,7 @@ class Admission:
                 429, f"Request too large: it may cost {tokens:,} tokens and this key's limit is "
                      f"{self.limiter.tpm:,} tokens per minute. Lower max_tokens, n or the batch size.",
                 code="request_too_large"))
-        wait = self.limiter.admit(who, tokens)
+        wait = await self.limiter.acquire(who, tokens)
         if wait:
             raise Rejected("rate_limited", error_response(
                 429, f"Rate limit reached for this key; retry after {wait:.0f}s.",

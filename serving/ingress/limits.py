@@ -15,7 +15,26 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
+
+class Limiter(Protocol):
+    """Per-key limits as admission uses them: this process's ``KeyLimiter``, or with
+    several ingress workers the launcher's, asked over the control channel (control.py)."""
+
+    rpm: int | None
+    tpm: int | None
+
+    @property
+    def enabled(self) -> bool: ...
+
+    def too_large(self, tokens: int) -> bool: ...
+
+    async def acquire(self, key: str, tokens: int) -> float: ...
+
+    def settle(self, key: str, charged: int, used: int) -> None: ...
+
+    def refund(self, key: str, tokens: int) -> None: ...
 
 
 @dataclass
@@ -94,6 +113,10 @@ class KeyLimiter:
         if toks:
             toks.take(tokens)
         return 0.0
+
+    async def acquire(self, key: str, tokens: int) -> float:
+        """``admit``, as every limiter answers it (control.RemoteLimiter asks the launcher)."""
+        return self.admit(key, tokens)
 
     def settle(self, key: str, charged: int, used: int) -> None:
         """Replace an ``admit`` charge of ``charged`` tokens by what was ``used``.

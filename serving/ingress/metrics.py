@@ -10,9 +10,11 @@ TYPE/HELP block per family.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -25,7 +27,15 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
                    80.0, 160.0, 320.0)
 
 
+# Set for ingress workers (server.workers > 1): each writes its series to files there,
+# and a scrape of any worker shows the sums over all of them (prometheus-client's
+# multiprocess mode; the launcher makes the folder and clears a dead worker's gauges).
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
 class RouterMetrics:
+    """The router's own series. Gauges say how several workers' values combine."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
@@ -38,12 +48,12 @@ class RouterMetrics:
                               "Time from request arrival to the first streamed byte.",
                               ["route", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("qwen_serve_requests_in_flight", "Requests being served.",
-                               ["route"], registry=r)
+                               ["route"], registry=r, multiprocess_mode="livesum")
         self.replicas = Gauge("qwen_serve_replicas", "Engine replicas known to the ingress.",
-                              ["state"], registry=r)
+                              ["state"], registry=r, multiprocess_mode="livemostrecent")
         self.replica_up = Gauge("qwen_serve_replica_up",
                                 "1 if the replica answered its last readiness probe.",
-                                ["replica"], registry=r)
+                                ["replica"], registry=r, multiprocess_mode="livemostrecent")
         self.rejected = Counter("qwen_serve_rejected_requests",
                                 "Requests refused by the ingress before reaching an engine.",
                                 ["reason"], registry=r)
@@ -60,6 +70,10 @@ class RouterMetrics:
         self.tokens.labels(model_label, "completion").inc(counts.completion)
 
     def render(self) -> bytes:
+        if folder := os.environ.get(MULTIPROCESS_ENV):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, folder)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 
