@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import http.client
 import json
 import os
@@ -47,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serving.ports import bind_reusable, reserved_port
+from serving.ports import reserved_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
@@ -62,41 +61,15 @@ _CONTENT_LENGTH = re.compile(rb"content-length:\s*(\d+)")
 
 # -- the ingress under test -------------------------------------------------------------------
 
-class _Snapshot:
-    def __init__(self, entries: list[dict[str, Any]]) -> None:
-        self._entries = entries
+def run_ingress(engine_url: str, port: int, workers: int = 1) -> int:
+    """The real ingress as `qwen-serve ingress --engine URL` serves it (the launcher's own path:
+    same uvicorn options, event loop and workers), in front of the synthetic engine."""
+    from serving.config import load_config
+    from serving.launcher import run_static
 
-    async def remote(self, max_age_s: float) -> list[dict[str, Any]]:
-        return [dict(e) for e in self._entries]
-
-
-class StaticRegistry:
-    """The registry interface ReplicaPool uses (``await registry.snapshot.remote(age)``),
-    answering a fixed replica list: no Ray here, the synthetic engine is the replica."""
-
-    def __init__(self, entries: list[dict[str, Any]]) -> None:
-        self.snapshot = _Snapshot(entries)
-
-
-def run_ingress(engine_url: str, engine_pid: int, port: int) -> int:
-    """Serve the real ingress app as serving/launcher.py ``_serve`` does (same uvicorn options)."""
-    import uvicorn
-
-    from serving.ingress.app import IngressSettings, build_app
-    from serving.ingress.pool import ReplicaPool
-
-    registry = StaticRegistry([{"replica_id": "synthetic-0", "url": engine_url, "pid": engine_pid}])
-    app = build_app(IngressSettings(model=MODEL, expected_replicas=1), ReplicaPool(registry))
-    config = uvicorn.Config(app, host=HOST, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, timeout_keep_alive=30, backlog=4096)
-    sock = bind_reusable(HOST, port)  # as the launcher: bound here, listened on by uvicorn
-    gc.collect()
-    gc.freeze()  # the launcher freezes its startup heap too
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0
+    cfg = load_config(None, [f"model.served_name={MODEL}", f"server.host={HOST}", f"server.port={port}",
+                             f"server.workers={workers}"], environ={})
+    return run_static(cfg, workers, [engine_url])
 
 
 # -- load generator (its own process) ------------------------------------------------------
@@ -457,7 +430,6 @@ class Harness:
             _wait_http(self.engine, port, "/health", 30)
         with reserved_port(HOST) as port:
             self.ingress = _spawn("ingress", ["ingress", "--engine-url", f"http://{HOST}:{self.engine_port}",
-                                              "--engine-pid", str(self.engine.popen.pid),
                                               "--port", str(port)],
                                   INGRESS_CPU if self.pin else None, self.log_dir)
             self.ingress_port = port
@@ -700,10 +672,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["ingress"]:
         p = argparse.ArgumentParser(prog="python -m benchmarks.relay ingress")
         p.add_argument("--engine-url", required=True)
-        p.add_argument("--engine-pid", type=int, default=0)
         p.add_argument("--port", type=int, required=True)
+        p.add_argument("--workers", type=int, default=1)
         a = p.parse_args(argv[1:])
-        return run_ingress(a.engine_url, a.engine_pid, a.port)
+        return run_ingress(a.engine_url, a.port, a.workers)
     if argv[:1] == ["loadgen"]:
         return run_loadgen(argv[1:])
     return run_bench(argv)

@@ -72,6 +72,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def cmd_ingress(args: argparse.Namespace) -> int:
+    extra = [f"server.host={args.host}"] if args.host else []
+    if args.port is not None:
+        extra.append(f"server.port={args.port}")
+    cfg = _load(args, extra)
+    facts, plan = _plan(cfg, args)
+    for warning in plan.warnings:
+        print(f"qwen-serve: WARNING: {warning}", file=sys.stderr, flush=True)
+    from .launcher import ServeError, run_static
+
+    try:
+        return run_static(cfg, plan.ingress_workers, args.engines)
+    except ServeError as exc:
+        print(f"qwen-serve: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+
+
 def _prepare_demo_adapter(cfg: DeploymentConfig) -> None:
     """Train the demo adapter a config serves, as the embedded model is built: on first use."""
     from . import demo_adapter
@@ -148,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join this Ray cluster instead of starting a local one "
                    "(the engines then outlive the ingress: `down` stops them)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("ingress", help="the ingress alone, in front of OpenAI servers that run already")
+    _add_config_args(p)
+    p.add_argument("--engine", dest="engines", action="append", required=True, metavar="URL",
+                   help="an engine's base URL, e.g. http://10.0.0.5:8000 (repeatable); engines "
+                   "guarded by a key get it from $QWEN_SERVE_ENGINE_KEY")
+    p.add_argument("--host", help="ingress bind address (default from config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="ingress port (0 picks a free one)")
+    p.set_defaults(func=cmd_ingress)
 
     p = sub.add_parser("down", help="stop the stack's engines on a Ray cluster (after serve --address)")
     p.add_argument("--address", required=True, help="the Ray cluster's address (host:port)")

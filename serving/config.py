@@ -221,6 +221,9 @@ class ServerConfig(_Section):
     startup_timeout_s: float = Field(default=900.0, gt=0)
     drain_timeout_s: float = Field(default=30.0, ge=0)
     web_ui: bool = True
+    # Ingress processes serving the one port (ingress/worker.py). Unset: what `plan`
+    # advises from the expected peak below (1 without one).
+    workers: int | None = Field(default=None, ge=1, le=64)
     # The deployment's expected peak output tokens/s over all replicas (from a benchmark
     # of its engines, or a published figure): `plan` sizes the ingress's relay with it.
     expected_peak_output_tokens_per_s: int | None = Field(default=None, gt=0)

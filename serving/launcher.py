@@ -14,15 +14,10 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
-
-import uvicorn
 
 from . import ports
 from .config import DeploymentConfig
-from .embedded_model import cache_root
 from .engine_args import EngineLaunch, build_engine_launch
-from .ingress.http_protocol import header_bounded
 from .modelinfo import ModelFacts
 from .plan import Plan
 
@@ -69,29 +64,6 @@ def _start_ray(cfg: DeploymentConfig, plan: Plan, address: str | None) -> None:
                              f"{plan.tensor_parallel_size}); Ray sees {have} on this machine")
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn, but the first SIGTERM/SIGINT drains instead of closing at once.
-
-    Draining: /ready turns 503 and new requests get 503 immediately, in-flight
-    requests finish (up to the drain timeout), then the server exits with code 0.
-    A second Ctrl-C forces the exit.
-    """
-
-    def __init__(self, config: uvicorn.Config, on_drain) -> None:
-        super().__init__(config)
-        self._on_drain = on_drain
-        self._drain_started = False
-
-    def handle_exit(self, sig, frame) -> None:  # runs in the signal handler
-        if self._drain_started:
-            if sig == signal.SIGINT:
-                self.force_exit = True
-            self.should_exit = True
-            return
-        self._drain_started = True
-        self._on_drain()
-
-
 def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | None = None) -> int:
     _ray_environment(cfg)
     import ray
@@ -100,23 +72,14 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
     from .engine import guard
     from .engine.builder import APP_NAME, build_engine_app, engine_fingerprint
     from .engine.registry import create_registry
-    from .ingress.app import IngressSettings, build_app
-    from .ingress.auth import ApiKeyError, KeysFile
+    from .ingress.builder import expected_replicas, ingress_settings
     from .ingress.pool import ReplicaPool
 
     launch = build_engine_launch(cfg, facts, plan.device)
-    try:  # a bad keys file must fail before anything starts
-        keys = KeysFile(cfg.server.api_keys_file) if cfg.server.api_keys_file else None
-        admin_keys = KeysFile(cfg.server.admin_keys_file) if cfg.server.admin_keys_file else None
-    except ApiKeyError as exc:
-        raise ServeError(str(exc)) from None
+    keys, admin_keys = _keys(cfg)  # a bad keys file must fail before anything starts
     # Bound before Ray starts, as vLLM's own server does: a taken port fails in a
     # second instead of after Ray's start, and Ray's workers can't take ours.
-    try:
-        sock = ports.bind_reusable(cfg.server.host, cfg.server.port)
-    except OSError as exc:
-        raise ServeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
-                         f"{exc.strerror or exc}") from None
+    sock = _bind(cfg)
     _start_reaper()
     head: list | None = None
     try:
@@ -130,113 +93,224 @@ def run(cfg: DeploymentConfig, plan: Plan, facts: ModelFacts, *, address: str | 
         # restarted ingress attaches to engines deployed with the same config.
         attach = address is not None and _engines_running(registry, fingerprint)
         pool = ReplicaPool(registry, accept=lambda entry: guard.entry_signed(engine_key, entry))
-        auto = cfg.router.autoscaling
-        settings = IngressSettings(
-            model=cfg.served_model_name,
-            expected_replicas=max(1, auto.min_replicas) if auto else plan.replicas,
-            policy=cfg.router.policy,
-            request_timeout_s=cfg.server.request_timeout_s,
-            body_timeout_s=cfg.server.body_timeout_s,
-            ready_timeout_s=cfg.server.ready_timeout_s,
-            min_ready_replicas=cfg.server.min_ready_replicas,
-            web_ui=cfg.server.web_ui,
-            limits=cfg.server.limits,
-            api_keys=keys,
-            metrics_require_key=cfg.server.metrics_need_key,
-            model_revision=cfg.model_revision,
-            tokens_per_event=cfg.engine.stream_interval,
-            adapters=tuple(sorted(cfg.model.adapters)),
-            admin_keys=admin_keys,
-            runtime_lora=cfg.engine.runtime_lora,
-            max_lora_rank=cfg.engine.max_lora_rank,
-            adapter_affinity=cfg.router.adapter_affinity,
-            lora_slots=cfg.engine.max_loras,
-            state_dir=Path(cfg.server.state_dir) if cfg.server.state_dir else cache_root() / "state",
-            engine_key=engine_key,
-        )
-        app = build_app(settings, pool, cfg.router.response_cache)
-        state = app.state.ingress
+        settings = ingress_settings(cfg, expected=expected_replicas(cfg, plan.replicas),
+                                    engine_key=engine_key, api_keys=keys, admin_keys=admin_keys)
         engine_app = None if attach else build_engine_app(cfg, launch, plan.device)
         if engine_app is not None:
             ray.get(registry.set_fingerprint.remote(fingerprint))
-        return asyncio.run(_serve(cfg, plan, app, state, pool, engine_app, APP_NAME, sock))
+        deployment = _Deployment(engine_app, APP_NAME, f"starting {plan.replicas} engine replica(s)"
+                                 if engine_app else "attaching to the engines already running")
+        return _run_ingress(cfg, plan.ingress_workers, settings, pool, deployment, sock)
     finally:
         sock.close()
         _shutdown_ray(head, keep_engines=address is not None)
 
 
-async def _serve(cfg, plan, app, state, pool, engine_app, app_name, sock) -> int:
-    from ray import serve
+def run_static(cfg: DeploymentConfig, workers: int, engines: list[str]) -> int:
+    """`qwen-serve ingress`: the ingress alone, in front of OpenAI servers that already run
+    (vLLM servers started by hand, another deployment's engines, the relay benchmark's
+    synthetic engine). No Ray: the engines are the ones named, and the ingress neither
+    starts nor stops them. Guarded engines take the key in $QWEN_SERVE_ENGINE_KEY."""
+    from .engine import guard
+    from .ingress.builder import ingress_settings
+    from .ingress.pool import FixedRegistry, ReplicaPool
 
+    keys, admin_keys = _keys(cfg)
+    sock = _bind(cfg)
+    try:
+        entries = [{"replica_id": f"engine-{i}", "url": url.rstrip("/"), "pid": 0}
+                   for i, url in enumerate(engines)]
+        settings = ingress_settings(cfg, expected=len(entries), engine_key=os.environ.get(guard.ENV) or None,
+                                    api_keys=keys, admin_keys=admin_keys)
+        deployment = _Deployment(None, "", f"in front of {len(entries)} engine(s)")
+        return _run_ingress(cfg, workers, settings, ReplicaPool(FixedRegistry(entries)), deployment, sock)
+    finally:
+        sock.close()
+
+
+def _keys(cfg: DeploymentConfig):
+    from .ingress.auth import ApiKeyError
+    from .ingress.builder import load_keys
+
+    try:
+        return load_keys(cfg)
+    except ApiKeyError as exc:
+        raise ServeError(str(exc)) from None
+
+
+def _bind(cfg: DeploymentConfig):
+    try:
+        return ports.bind_reusable(cfg.server.host, cfg.server.port)
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {cfg.server.host}:{cfg.server.port}: "
+                         f"{exc.strerror or exc}") from None
+
+
+def _run_ingress(cfg, workers: int, settings, pool, deployment, sock) -> int:
+    from .ingress.server import run_loop
+
+    if workers == 1:
+        return run_loop(_serve(cfg, settings, pool, deployment, sock))
+    return run_loop(_serve_workers(cfg, workers, settings, pool, deployment, sock))
+
+
+class _Deployment:
+    """The engines' deployment, run in a thread (``serve.run`` blocks on Ray for seconds)
+    while the ingress already listens; ``error`` says why it failed. No app: the stack
+    attaches to engines already running on its cluster."""
+
+    def __init__(self, engine_app, app_name: str, doing: str) -> None:
+        self.engine_app, self.app_name = engine_app, app_name
+        self.doing = doing  # for the "listening" line
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        if self.engine_app is not None:
+            threading.Thread(target=self._run, name="serve-deploy", daemon=True).start()
+
+    def _run(self) -> None:
+        from ray import serve
+
+        try:
+            serve.run(self.engine_app, name=self.app_name, route_prefix=None, blocking=False)
+        except BaseException as exc:  # noqa: BLE001 - reported to the main loop
+            self.error = exc
+
+
+
+def _freeze_heap() -> None:
+    """Ray and the engine stack leave a large heap of long-lived objects; a full
+    collection over it paused the event loop for 100+ ms under load. Freeze them."""
+    gc.collect()
+    gc.freeze()
+
+
+def _listening(srv, sock, deployment: _Deployment, workers: int) -> str:
+    base = f"http://{srv.host}:{sock.getsockname()[1]}"
+    by = f", {workers} ingress workers" if workers > 1 else ""
+    print(f"qwen-serve: listening on {base} ({deployment.doing}{by}; "
+          f"/health is up, /ready turns 200 when they answer)", flush=True)
+    return base
+
+
+def _ready(settings, base: str) -> None:
+    print(f"qwen-serve: ready — model {settings.model!r} at {base}/v1 "
+          f"(web chat: {base}/ , metrics: {base}/metrics)", flush=True)
+
+
+def _deploy_failed(deployment: _Deployment) -> None:
+    print(f"qwen-serve: engine deployment failed: {deployment.error}", file=sys.stderr, flush=True)
+
+
+async def _serve(cfg, settings, pool, deployment: _Deployment, sock) -> int:
+    """One ingress, in this process."""
+    from .ingress.app import build_app
+    from .ingress.auth import KeysFile
+    from .ingress.server import DrainingServer, uvicorn_config
+
+    app = build_app(settings, pool, cfg.router.response_cache)
+    state = app.state.ingress
     loop = asyncio.get_running_loop()
     srv = cfg.server
-    config = uvicorn.Config(app, host=srv.host, port=srv.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30, backlog=4096,
-                            http=header_bounded(srv.header_timeout_s))
-    server: _DrainingServer
-
-    def drain() -> None:
-        loop.call_soon_threadsafe(lambda: loop.create_task(_drain(state, server, srv.drain_timeout_s)))
-
-    server = _DrainingServer(config, drain)
-    from .ingress.auth import KeysFile
-
-    watched = [k for k in (state.settings.api_keys, state.settings.admin_keys) if isinstance(k, KeysFile)]
+    server = DrainingServer(uvicorn_config(app, srv), state, srv.drain_timeout_s)
+    watched = [k for k in (settings.api_keys, settings.admin_keys) if isinstance(k, KeysFile)]
     if watched:
         # The usual "re-read your config" signal; the files are also polled (app.py).
         loop.add_signal_handler(signal.SIGHUP, lambda: [k.reload() for k in watched])
-    deploy_error: list[BaseException] = []
-
-    def deploy() -> None:
-        try:
-            serve.run(engine_app, name=app_name, route_prefix=None, blocking=False)
-        except BaseException as exc:  # noqa: BLE001 - reported to the main loop
-            deploy_error.append(exc)
-
-    # Ray and the engine stack leave a large heap of long-lived objects; a full
-    # collection over it paused the event loop for 100+ ms under load. Freeze them.
-    gc.collect()
-    gc.freeze()
+    _freeze_heap()
     serving = loop.create_task(server.serve(sockets=[sock]))
     while not server.started:
         if serving.done():
             raise ServeError(f"could not listen on {srv.host}:{srv.port}")
         await asyncio.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    base = f"http://{srv.host}:{port}"
-    doing = (f"starting {plan.replicas} engine replica(s)" if engine_app is not None
-             else "attaching to the engines already running on the cluster")
-    print(f"qwen-serve: listening on {base} ({doing}; "
-          f"/health is up, /ready turns 200 when they answer)", flush=True)
-    if engine_app is not None:
-        threading.Thread(target=deploy, name="serve-deploy", daemon=True).start()
+    base = _listening(srv, sock, deployment, 1)
+    deployment.start()
     announced = False
     while not serving.done():
-        if deploy_error and not state.draining:
-            print(f"qwen-serve: engine deployment failed: {deploy_error[0]}", file=sys.stderr, flush=True)
+        if deployment.error and not state.draining:
+            _deploy_failed(deployment)
             server.should_exit = True
             await serving
             return 1
-        if not announced and len(pool.available()) >= state.settings.expected_replicas:
+        if not announced and len(pool.available()) >= settings.expected_replicas:
             announced = True
-            print(f"qwen-serve: ready — model {state.settings.model!r} at {base}/v1 "
-                  f"(web chat: {base}/ , metrics: {base}/metrics)", flush=True)
+            _ready(settings, base)
         await asyncio.sleep(0.2)
     await serving
     return 0
 
 
-async def _drain(state, server: uvicorn.Server, timeout_s: float) -> None:
-    state.draining = True
-    state.ready_cache = None
-    print(f"qwen-serve: draining (up to {timeout_s:.0f}s for in-flight requests)", flush=True)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if sum(r.in_flight for r in state.pool.replicas) == 0:
-            break
-        await asyncio.sleep(0.1)
-    server.should_exit = True
+async def _serve_workers(cfg, count: int, settings, pool, deployment: _Deployment, sock) -> int:
+    """``server.workers`` ingress processes on the one socket; this process keeps what
+    they share (ingress/control.py) and starts, replaces and drains them (workers.py)."""
+    from .ingress.board import SlotAllocator
+    from .ingress.control import ControlServer
+    from .ingress.limits import KeyLimiter
+    from .workers import IngressWorkers, WorkerError
+
+    loop = asyncio.get_running_loop()
+    srv = cfg.server
+    workers = IngressWorkers(cfg, count, sock, expected_replicas=settings.expected_replicas,
+                             engine_key=settings.engine_key)
+    control = ControlServer(workers.control_path, KeyLimiter(srv.limits.requests_per_minute,
+                                                             srv.limits.tokens_per_minute))
+    signals: list[int] = []
+
+    def on_signal(sig: int) -> None:
+        signals.append(sig)
+        if len(signals) == 1:
+            print(f"qwen-serve: draining {count} ingress workers (up to {srv.drain_timeout_s:.0f}s "
+                  "for in-flight requests)", flush=True)
+            workers.stopping = True
+            control.drain()
+        else:  # a second Ctrl-C forces the workers' exit, a second SIGTERM hurries it
+            workers.signal(sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)  # re-read the keys
+    slots = SlotAllocator()
+    rc = 0
+    try:
+        await control.start()
+        pool.start()
+        workers.start()
+        _freeze_heap()
+        deployment.start()
+        base: str | None = None
+        announced = False
+        drain_until: float | None = None
+        while True:
+            replicas = pool.replicas
+            placed = slots.assign([r.replica_id for r in replicas])
+            control.publish([{"replica_id": r.replica_id, "url": r.url, "pid": r.pid,
+                              "slot": placed[r.replica_id]} for r in replicas if not r.joining])
+            workers.replace_dead()
+            if signals:
+                drain_until = drain_until or time.monotonic() + srv.drain_timeout_s + 10.0
+                if workers.running() == 0 or time.monotonic() > drain_until:
+                    break
+            elif deployment.error:
+                _deploy_failed(deployment)
+                rc = 1
+                break
+            if base is None and len(control.listening) == count:
+                base = _listening(srv, sock, deployment, count)
+            if base and not announced and len(pool.available()) >= settings.expected_replicas:
+                announced = True
+                _ready(settings, base)
+            await asyncio.sleep(0.1)
+    except WorkerError as exc:
+        print(f"qwen-serve: {exc}", file=sys.stderr, flush=True)
+        rc = 1
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        await asyncio.to_thread(workers.stop, 5.0)
+        await control.close()
+        await pool.stop()
+        workers.close()
+    return rc
 
 
 def _guarded(launch: EngineLaunch, registry) -> tuple[EngineLaunch, str]:

@@ -53,6 +53,8 @@ class Plan:
     # The relay's load at the expected peak (None: server.expected_peak_output_tokens_per_s unset).
     ingress_events_per_s: int | None = None
     ingress_processes_needed: int | None = None
+    # Ingress worker processes the stack runs: server.workers, else the advice above (or 1).
+    ingress_workers: int = 1
     arithmetic: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -164,6 +166,7 @@ def make_plan(
                         f"({kv_tokens} tokens); lower max_model_len or raise the KV budget")
 
     events, processes = _ingress_load(cfg, lines, warnings)
+    workers = _ingress_workers(cfg, processes, lines, warnings)
     return Plan(
         model=facts.name, facts_from=facts.origin, device=device, dtype=dtype, gpus=n_gpus,
         tensor_parallel_size=tp_size, replicas=replicas, valid_tp_sizes=tp_choices,
@@ -173,7 +176,8 @@ def make_plan(
         kv_tokens_per_replica=kv_tokens, max_model_len=max_len,
         max_seqs_at_max_len_per_replica=seqs, total_kv_tokens=kv_tokens * replicas,
         lora_bytes_per_replica=lora_bytes, ingress_events_per_s=events,
-        ingress_processes_needed=processes, arithmetic=lines, warnings=warnings,
+        ingress_processes_needed=processes, ingress_workers=workers, arithmetic=lines,
+        warnings=warnings,
     )
 
 
@@ -190,12 +194,32 @@ def _ingress_load(cfg: DeploymentConfig, lines: list[str], warnings: list[str]) 
     lines.append(f"ingress events/s at peak = {peak:,} output tokens/s ÷ {interval} token(s) per event "
                  f"(engine.stream_interval) = {events:,}; one ingress process relays "
                  f"{INGRESS_EVENTS_PER_S:,} (measured, one core) → {processes} process(es)")
-    if processes > 1:
-        fits = -(-peak // INGRESS_EVENTS_PER_S)
+    workers = cfg.server.workers
+    if workers is not None and workers < processes:
+        fits = -(-peak // (INGRESS_EVENTS_PER_S * workers))
         warnings.append(f"at the expected peak the ingress must relay {events:,} events/s, more than "
-                        f"one process does ({INGRESS_EVENTS_PER_S:,}); set engine.stream_interval to "
-                        f"at least {fits} (tokens then reach readers in groups of {fits})")
+                        f"{workers} worker(s) do ({workers * INGRESS_EVENTS_PER_S:,}); set server.workers "
+                        f"to {processes} (each needs a core), or engine.stream_interval to at least "
+                        f"{fits} (tokens then reach readers in groups of {fits})")
     return events, processes
+
+
+def _ingress_workers(cfg: DeploymentConfig, advised: int | None, lines: list[str],
+                     warnings: list[str]) -> int:
+    """server.workers, else what the expected peak needs (1 without one)."""
+    workers = cfg.server.workers or advised or 1
+    if workers > 1 and cfg.engine.runtime_lora:
+        # One process owns the runtime adapter set (ingress/adapters.py); several would
+        # each keep their own copy of it.
+        if cfg.server.workers:
+            raise PlanError(f"server.workers={workers} with engine.runtime_lora: runtime adapters "
+                            "are kept by one ingress process; set server.workers to 1")
+        warnings.append(f"the expected peak needs {workers} ingress workers, but runtime adapters "
+                        "(engine.runtime_lora) are kept by one ingress process: running 1")
+        workers = 1
+    lines.append(f"ingress workers = {workers} "
+                 + ("(server.workers)" if cfg.server.workers else "(advised)" if advised else "(default)"))
+    return workers
 
 
 def _tp_reason(facts: ModelFacts, tp: int, n_gpus: int) -> str:
@@ -296,8 +320,9 @@ def format_plan(plan: Plan) -> str:
         f"KV per replica   {gib(plan.kv_cache_bytes_per_replica)} = {plan.kv_tokens_per_replica:,} tokens",
         f"max_model_len    {plan.max_model_len:,}: {plan.max_seqs_at_max_len_per_replica} full-length "
         f"sequences per replica, {plan.total_kv_tokens:,} KV tokens in all",
-        *([f"ingress          {plan.ingress_events_per_s:,} events/s at the expected peak: "
-           f"{plan.ingress_processes_needed} ingress process(es)"] if plan.ingress_events_per_s else []),
+        f"ingress          {plan.ingress_workers} worker process(es)"
+        + (f"; {plan.ingress_events_per_s:,} events/s at the expected peak need "
+           f"{plan.ingress_processes_needed}" if plan.ingress_events_per_s else ""),
         "arithmetic:",
         *(f"  {line}" for line in plan.arithmetic),
     ]

@@ -31,6 +31,7 @@ from .admission import Admission, Rejected
 from .auth import KeysFile
 from .cache import RedisResponseCache, ResponseCache
 from .errors import error_response
+from .limits import Limiter
 from .metrics import EngineMetrics, RouterMetrics
 from .pipeline import PASS_HEADERS, finish, handle
 from .pool import Replica, ReplicaPool
@@ -146,11 +147,15 @@ async def _readiness(state: IngressState) -> tuple[int, dict]:
 
 
 def build_app(settings: IngressSettings, pool: ReplicaPool,
-              cache_config: ResponseCacheConfig | None = None) -> Starlette:
+              cache_config: ResponseCacheConfig | None = None, *,
+              limiter: Limiter | None = None) -> Starlette:
+    """The ingress app. ``limiter``: where per-key limits are kept (default: here; an
+    ingress worker's are its launcher's)."""
     metrics = RouterMetrics()
     state = IngressState(settings=settings, pool=pool, policy=make_policy(settings.policy),
                          metrics=metrics, admission=Admission(settings.limits, settings.api_keys,
-                                                             settings.model, settings.body_timeout_s),
+                                                             settings.model, settings.body_timeout_s,
+                                                             limiter),
                          cache=_make_cache(cache_config, metrics),
                          upstream=Upstream(headers=engine_guard.headers(settings.engine_key)),
                          runtime_adapters=RuntimeAdapters.open(
