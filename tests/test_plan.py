@@ -135,11 +135,12 @@ def test_plan_sizes_the_ingress_relay_from_the_expected_peak():
     peak = cfg.server.expected_peak_output_tokens_per_s
     assert (plan.ingress_events_per_s, plan.ingress_processes_needed) == (-(-peak // 3), 1)
     assert not [w for w in plan.warnings if "ingress" in w]
-    # One event per token: more than one process's measured relay rate, and the fix named.
-    one = make_plan(load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", ["engine.stream_interval=1"],
-                                environ={}), QWEN05)
+    # One event per token on one worker: more than one process's measured relay rate,
+    # and both fixes named.
+    one = make_plan(load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml",
+                                ["engine.stream_interval=1", "server.workers=1"], environ={}), QWEN05)
     assert one.ingress_events_per_s == peak and one.ingress_processes_needed == 3
     (warning,) = [w for w in one.warnings if "ingress" in w]
-    assert "engine.stream_interval to at least 3" in warning
+    assert "server.workers to 3" in warning and "engine.stream_interval to at least 3" in warning
     unknown = make_plan(load_config(CONFIGS / "local-cpu.yaml", environ={}), QWEN05, device="cpu")
     assert unknown.ingress_events_per_s is None
