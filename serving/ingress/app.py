@@ -169,7 +169,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
         try:
             state.admission.authenticate(request)
         except Rejected as rej:
-            state.metrics.rejected.labels(rej.reason).inc()
+            state.metrics.refused(rej.reason)
             return finish(state, route, "other", time.perf_counter(), rej.response)
         return None
 
@@ -177,7 +177,7 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
         def wrap(handler):
             async def endpoint(request: Request) -> Response:
                 if state.draining:
-                    state.metrics.rejected.labels("draining").inc()
+                    state.metrics.refused("draining")
                     return finish(state, route, "other", time.perf_counter(), error_response(
                         503, "The server is shutting down; retry on another instance.",
                         code="draining", headers={"Retry-After": "1", "Connection": "close"}))
