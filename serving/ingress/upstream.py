@@ -297,15 +297,15 @@ class Upstream:
         deadline's business (pipeline.py); cancelling this call closes the connection.
         """
         host, port, target, host_header = _target(url)
-        key = (host, port)
-        conn = self._kept(key) or await self._connect(key)
-        response = UpstreamResponse(conn)
         payload = body or b""
         head = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\nhost: ", host_header, b"\r\n",
                 self._default]
         if headers:
             head += [_field(k, v) for k, v in headers.items()]
         head.append(b"content-length: %d\r\n\r\n" % len(payload))
+        key = (host, port)
+        conn = self._kept(key) or await self._connect(key)
+        response = UpstreamResponse(conn)
         conn.send(b"".join(head) + payload, response)
         try:
             await response._headers_in
