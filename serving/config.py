@@ -195,6 +195,9 @@ class LimitsConfig(_Section):
     # Per API key (or per client address when keys are off).
     requests_per_minute: int | None = Field(default=None, gt=0)
     tokens_per_minute: int | None = Field(default=None, gt=0)
+    # Where those limits are kept. Unset: in the ingress (one bucket per key across its
+    # workers). A Redis URL: in Redis, one bucket per key across every ingress instance.
+    redis_url: str | None = None
 
 
 class ServerConfig(_Section):

@@ -206,9 +206,10 @@ async def _serve(cfg, settings, pool, deployment: _Deployment, sock) -> int:
     """One ingress, in this process."""
     from .ingress.app import build_app
     from .ingress.auth import KeysFile
+    from .ingress.builder import make_limiter
     from .ingress.server import DrainingServer, uvicorn_config
 
-    app = build_app(settings, pool, cfg.router.response_cache)
+    app = build_app(settings, pool, cfg.router.response_cache, limiter=make_limiter(cfg.server.limits))
     state = app.state.ingress
     loop = asyncio.get_running_loop()
     srv = cfg.server
@@ -268,7 +269,11 @@ async def _serve_workers(cfg, count: int, settings, pool, deployment: _Deploymen
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)  # re-read the keys
+    handled = [signal.SIGTERM, signal.SIGINT]
+    if settings.api_keys is not None or settings.admin_keys is not None:
+        # "Re-read your config", as a lone ingress takes it: each worker re-reads the keys.
+        loop.add_signal_handler(signal.SIGHUP, workers.signal, signal.SIGHUP)
+        handled.append(signal.SIGHUP)
     slots = SlotAllocator()
     rc = 0
     try:
@@ -304,7 +309,7 @@ async def _serve_workers(cfg, count: int, settings, pool, deployment: _Deploymen
         print(f"qwen-serve: {exc}", file=sys.stderr, flush=True)
         rc = 1
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in handled:
             loop.remove_signal_handler(sig)
         await asyncio.to_thread(workers.stop, 5.0)
         await control.close()

@@ -240,6 +240,8 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
         await pool.stop()
         if state.cache is not None:
             await state.cache.aclose()
+        if (close := getattr(state.admission.limiter, "aclose", None)) is not None:
+            await close()  # a Redis connection
         await state.upstream.aclose()
 
     routes = [

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import DeploymentConfig
+from ..config import DeploymentConfig, LimitsConfig
 from ..embedded_model import cache_root
 from .auth import KeysFile
+from .limits import KeyLimiter, Limiter
 from .state import IngressSettings
 
 
@@ -49,3 +50,18 @@ def ingress_settings(cfg: DeploymentConfig, *, expected: int, engine_key: str | 
         state_dir=Path(srv.state_dir) if srv.state_dir else cache_root() / "state",
         engine_key=engine_key,
     )
+
+
+def make_limiter(limits: LimitsConfig, launcher=None) -> Limiter:
+    """Where this process keeps per-key limits: Redis when configured (shared by every
+    instance), else the launcher's buckets for an ingress worker (``launcher``: its
+    control.ControlClient), else its own."""
+    if limits.redis_url and (limits.requests_per_minute or limits.tokens_per_minute):
+        from .redis_limits import RedisLimiter
+
+        return RedisLimiter(limits.redis_url, limits.requests_per_minute, limits.tokens_per_minute)
+    if launcher is not None:
+        from .control import RemoteLimiter
+
+        return RemoteLimiter(launcher, limits.requests_per_minute, limits.tokens_per_minute)
+    return KeyLimiter(limits.requests_per_minute, limits.tokens_per_minute)

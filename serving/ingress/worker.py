@@ -30,8 +30,8 @@ from ..config import DeploymentConfig
 from .app import build_app
 from .auth import ApiKeyError, KeysFile
 from .board import InFlightBoard
-from .builder import ingress_settings, load_keys
-from .control import ControlClient, RemoteLimiter
+from .builder import ingress_settings, load_keys, make_limiter
+from .control import ControlClient
 from .pool import ReplicaPool
 from .server import DrainingServer, run_loop, uvicorn_config
 
@@ -68,16 +68,16 @@ async def serve(orders: dict) -> int:
 
     client = ControlClient(Path(orders["control"]), worker, on_replicas=pool.update,
                            on_drain=lambda: server and server.drain(), on_lost=launcher_lost)
-    limits = cfg.server.limits
     app = build_app(settings, pool, cfg.router.response_cache,
-                    limiter=RemoteLimiter(client, limits.requests_per_minute, limits.tokens_per_minute))
+                    limiter=make_limiter(cfg.server.limits, client))
     server = DrainingServer(uvicorn_config(app, cfg.server), app.state.ingress,
                             cfg.server.drain_timeout_s)
     await client.connect()
     loop = asyncio.get_running_loop()
+    # The launcher passes SIGHUP on ("re-read the keys"); without keys it is a no-op, not
+    # the default action (which would end the worker).
     watched = [k for k in (api_keys, admin_keys) if isinstance(k, KeysFile)]
-    if watched:
-        loop.add_signal_handler(signal.SIGHUP, lambda: [k.reload() for k in watched])
+    loop.add_signal_handler(signal.SIGHUP, lambda: [k.reload() for k in watched])
     gc.collect()
     gc.freeze()  # as the launcher: no full collection over the startup heap under load
     serving = loop.create_task(server.serve(sockets=[sock]))
