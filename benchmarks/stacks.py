@@ -133,3 +133,31 @@ def leftovers(procs: list, timeout_s: float) -> list[str]:
         except psutil.Error:
             pass
     return out
+
+
+def serve_pid(stack: Stack) -> int:
+    """The `qwen-serve serve` process of a stack (found by its port when not started here)."""
+    import psutil
+
+    if stack.proc is not None:
+        return stack.proc.pid
+    port = int(stack.base_url.rsplit(":", 1)[1])
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def engine_pids(stack: Stack) -> dict[int, int]:
+    """{engine port: vLLM server PID} of this stack's replicas (the registry's ``pid``)."""
+    import psutil
+
+    out = {}
+    for proc in psutil.Process(serve_pid(stack)).children(recursive=True):
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "vllm.entrypoints.openai.api_server" in cmd and "serving.engine.supervise" not in cmd:
+            out[int(cmd[cmd.index("--port") + 1])] = proc.pid
+    return out

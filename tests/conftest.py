@@ -13,8 +13,11 @@ import httpx
 import pytest
 
 from benchmarks.stacks import ROOT, Stack, start_stack, stop_stack, wait_ready  # noqa: F401
+from serving.engine import guard
 
 STARTUP_TIMEOUT_S = float(os.environ.get("QWEN_SERVE_TEST_STARTUP_S", "600"))
+STACK_WORKERS = 2
+STACK_ENGINE_KEY = "shared-stack-test-engine-key-8f3a"
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +27,14 @@ def stack(tmp_path_factory) -> Stack:
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         yield Stack(url.rstrip("/"), model, os.environ.get("QWEN_SERVE_TEST_API_KEY"), None, None)
         return
-    stack = start_stack(tmp_path_factory.mktemp("stack"), timeout_s=STARTUP_TIMEOUT_S)
+    # Two ingress workers: every test of the shared stack goes through the path a GPU box
+    # runs (server.workers > 1); the other stacks keep the lone ingress. A known engine
+    # key lets test_workers_stack put a second ingress in front of the same engine. An
+    # eager engine: on a fresh CI machine torch.compile's first start took 166-185 s
+    # against ~60 s, more than its faster decode gives back over the suite.
+    stack = start_stack(tmp_path_factory.mktemp("stack"), "--set", f"server.workers={STACK_WORKERS}",
+                        "--set", "engine.enforce_eager=true",
+                        timeout_s=STARTUP_TIMEOUT_S, env={guard.ENV: STACK_ENGINE_KEY})
     try:
         yield stack
     finally:

@@ -34,7 +34,7 @@ import psutil
 import pytest
 import yaml
 
-from benchmarks.stacks import leftovers, stack_processes
+from benchmarks.stacks import engine_pids, leftovers, serve_pid, stack_processes
 from conftest import ROOT, Stack, start_stack, stop_stack
 from prometheus_server import instant, prometheus_server
 from serving.engine import guard
@@ -139,29 +139,6 @@ def metric_sum(text: str, name: str) -> float:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
-
-
-def serve_pid(stack: Stack) -> int:
-    if stack.proc is not None:
-        return stack.proc.pid
-    port = int(stack.base_url.rsplit(":", 1)[1])
-    for conn in psutil.net_connections("tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
-            return conn.pid
-    raise RuntimeError(f"nothing listens on {port}")
-
-
-def engine_pids(stack: Stack) -> dict[int, int]:
-    """{engine port: vLLM server PID} of this stack's replicas (the registry's ``pid``)."""
-    out = {}
-    for proc in psutil.Process(serve_pid(stack)).children(recursive=True):
-        try:
-            cmd = proc.cmdline()
-        except psutil.Error:
-            continue
-        if "vllm.entrypoints.openai.api_server" in cmd and "serving.engine.supervise" not in cmd:
-            out[int(cmd[cmd.index("--port") + 1])] = proc.pid
-    return out
 
 
 def wait_ready(base_url: str, timeout_s: float) -> float:
