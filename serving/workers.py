@@ -10,11 +10,8 @@ socket, in-flight table, metrics files), removed when the stack stops.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -29,8 +26,6 @@ from .ingress.board import InFlightBoard
 from .ingress.metrics import MULTIPROCESS_ENV
 from .ingress.worker import order
 from .stopping import terminate_then_kill
-
-logger = logging.getLogger("qwen_serve.workers")
 
 # A worker that dies within this long of its start counts as failing to start;
 # this many of those in a row stop the stack.
@@ -95,8 +90,6 @@ class IngressWorkers:
             if self._early_deaths >= MAX_EARLY_DEATHS:
                 raise WorkerError(f"ingress worker {worker} exited {MAX_EARLY_DEATHS} times right "
                                   f"after starting (last exit code {proc.returncode})")
-            logger.warning("ingress worker %d (pid %d) exited with %s; starting another",
-                           worker, proc.pid, proc.returncode)
             print(f"qwen-serve: ingress worker {worker} exited ({proc.returncode}); restarting it",
                   file=sys.stderr, flush=True)
             self._spawn(worker)
@@ -132,10 +125,4 @@ class IngressWorkers:
         self._board.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    def describe(self) -> str:
-        return json.dumps({w: p.pid for w, p in self._procs.items()})
 
-
-def forward(workers: IngressWorkers, sig: int) -> None:
-    """Pass a signal the launcher got on to the workers (SIGHUP: re-read the keys)."""
-    workers.signal(signal.Signals(sig))
