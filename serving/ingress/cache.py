@@ -37,6 +37,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
+from .redis_client import FailureLog, connect
 from .sse import decode_all
 
 logger = logging.getLogger("qwen_serve.ingress.cache")
@@ -259,20 +260,11 @@ class RedisResponseCache(_KeyedCache):
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.max_entry_bytes = max_entry_bytes
         self.prefix = prefix
-        if client is None:
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
-                                             socket_connect_timeout=timeout_s)
-        self._redis = client
-        self._last_warning = 0.0
+        self._redis = client if client is not None else connect(url, timeout_s)
+        self._failed = FailureLog(logger, "response cache")
 
     def _warn(self, what: str, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_warning > 30.0:
-            self._last_warning = now
-            logger.warning("response cache: redis %s failed (%s: %s); serving uncached",
-                           what, type(exc).__name__, exc)
+        self._failed(what, exc, "serving uncached")
 
     async def get(self, key: str) -> CachedResponse | None:
         try:

@@ -15,9 +15,11 @@ Needs the ``redis`` package (the ``redis`` extra).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
 from typing import Any
+
+from .redis_client import FailureLog, connect
 
 logger = logging.getLogger("qwen_serve.limits")
 
@@ -83,14 +85,9 @@ class RedisLimiter:
         self.rpm = requests_per_minute
         self.tpm = tokens_per_minute
         self.prefix = prefix
-        if client is None:
-            import redis.asyncio as aioredis
-
-            client = aioredis.Redis.from_url(url, socket_timeout=timeout_s,
-                                             socket_connect_timeout=timeout_s)
-        self._redis = client
-        self._script = client.register_script(_SCRIPT)
-        self._last_warning = 0.0
+        self._redis = client if client is not None else connect(url, timeout_s)
+        self._script = self._redis.register_script(_SCRIPT)
+        self._failed = FailureLog(logger, "rate limits")
 
     @property
     def enabled(self) -> bool:
@@ -104,11 +101,7 @@ class RedisLimiter:
         try:
             return float(await self._script(keys=keys, args=[op, self.rpm or 0, self.tpm or 0, tokens]))
         except Exception as exc:  # noqa: BLE001 - Redis trouble admits, it never refuses
-            now = time.monotonic()
-            if now - self._last_warning > 30.0:
-                self._last_warning = now
-                logger.warning("rate limits: redis %s failed (%s: %s); admitting", op,
-                               type(exc).__name__, exc)
+            self._failed(op, exc, "admitting")
             return 0.0
 
     async def acquire(self, key: str, tokens: int) -> float:
@@ -123,8 +116,6 @@ class RedisLimiter:
         self._later("refund", key, tokens)
 
     def _later(self, op: str, key: str, tokens: int) -> None:
-        import asyncio
-
         task = asyncio.get_running_loop().create_task(self._run(op, key, tokens))
         _pending.add(task)
         task.add_done_callback(_pending.discard)
