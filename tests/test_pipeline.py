@@ -23,7 +23,7 @@ from aiohttp import web
 from serving.config import LimitsConfig, ResponseCacheConfig
 from serving.ingress.app import IngressSettings, build_app
 from serving.ingress.auth import ApiKeys, key_digest
-from serving.ingress.pool import ReplicaPool
+from serving.ingress.pool import FixedRegistry, ReplicaPool
 from serving.ports import bind_reusable
 
 BUSY_PROBE_S = 2.0
@@ -62,17 +62,6 @@ async def engine_completions(request: web.Request) -> web.StreamResponse:
 
 async def engine_health(request: web.Request) -> web.Response:
     return web.Response(status=HEALTH["status"])
-
-
-class FixedRegistry:
-    def __init__(self, entries: list[dict]) -> None:
-        entries_ = entries
-
-        class Snapshot:
-            async def remote(self, max_age_s: float) -> list[dict]:
-                return entries_
-
-        self.snapshot = Snapshot()
 
 
 @contextlib.asynccontextmanager
@@ -216,6 +205,22 @@ async def ready_while_streaming(c: httpx.AsyncClient) -> httpx.Response:
         async for _ in chunks:
             pass
     return answer
+
+
+async def test_a_replica_busy_with_slow_plain_answers_is_ready(engine):
+    """A plain answer sends nothing until it is done: a replica that finished one a few
+    seconds ago and is working on the next is busy, not stuck, though no byte came
+    within the probe's timeout (BUSY_WINDOW_S)."""
+    async with ingress([engine], ready_timeout_s=0.5) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            first = await c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            assert first.status_code == 200
+            slow = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": "a", "sleep": 2.0}))
+            await asyncio.sleep(1.1)  # no byte for longer than the probe's timeout
+            busy = await c.get("/ready")
+            assert (await slow).status_code == 200
+            assert busy.status_code == 200, busy.text
+            assert busy.json()["replicas"][0]["detail"] == "serving"
 
 
 async def test_a_replica_busy_streaming_is_ready_though_its_probe_would_time_out(engine):

@@ -84,19 +84,26 @@ def _without_paths(models: bytes) -> bytes:
     return json.dumps(doc).encode()
 
 
+# A replica with requests in flight that finished one (or sent a streamed byte) this
+# recently is busy, not stuck. Longer than the probe's timeout: on a loaded CPU, plain
+# answers take tens of seconds each, and none of their bytes arrive before the end.
+BUSY_WINDOW_S = 60.0
+
+
 async def _probe(state: IngressState, replica: Replica) -> tuple[bool, str]:
     """A replica is ready when it generates one token within the timeout.
 
-    A replica streaming answers right now gets vLLM's ``/health`` instead (the
+    A replica answering requests right now gets vLLM's ``/health`` instead (the
     process and its engine core are alive): under load the probe's token would wait
     in the engine's queue behind that work and time out, calling a busy engine
-    unready exactly when it is proving otherwise. A killed engine still fails at
-    once: its port refuses the connection.
+    unready exactly when it is proving otherwise (seen: a surviving replica, loaded
+    with a killed one's share, called unready three times in a row on a busy machine).
+    A killed engine still fails at once: its port refuses the connection.
     """
     timeout_s = state.settings.ready_timeout_s
     if replica.joining:
         return False, "loading adapters"
-    if replica.answering_within(timeout_s):
+    if replica.answering_within(max(timeout_s, BUSY_WINDOW_S)):
         request, ok_detail = ("GET", f"{replica.url}/health", None), "serving"
     else:
         probe = json.dumps({"model": state.settings.model, "prompt": "ping", "max_tokens": 1})
