@@ -59,11 +59,25 @@ def wait_ready(base_url: str, timeout_s: float, proc: subprocess.Popen | None = 
 def start_stack(log_dir: Path, *extra: str, name: str = "stack", timeout_s: float = 600,
                 config: Path = DEFAULT_CONFIG, env: dict[str, str] | None = None) -> Stack:
     """Start `qwen-serve serve` with ``--set`` overrides in ``extra``; wait until /ready is 200."""
+    return _start(["serve"], log_dir, extra, name, timeout_s, config, env)
+
+
+def start_ingress(log_dir: Path, engines: list[str], *extra: str, name: str = "ingress",
+                  timeout_s: float = 120, config: Path = DEFAULT_CONFIG,
+                  env: dict[str, str] | None = None) -> Stack:
+    """Start `qwen-serve ingress` in front of ``engines`` (their URLs; guarded engines take
+    their key in ``env``), with ``--set`` overrides in ``extra``; wait until /ready is 200."""
+    return _start(["ingress", *(f"--engine={url}" for url in engines)], log_dir, extra, name,
+                  timeout_s, config, env)
+
+
+def _start(command: list[str], log_dir: Path, extra, name: str, timeout_s: float, config: Path,
+           env: dict[str, str] | None) -> Stack:
     log_path = Path(log_dir) / f"{name}.log"
     log = log_path.open("wb")
     with reserved_port() as port:  # held until the stack listens on it
         proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "serve", "--config", str(config),
+            [sys.executable, "-m", "serving", *command, "--config", str(config),
              "--host", "127.0.0.1", "--port", str(port), *extra],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
             env={**os.environ, **env} if env else None,
@@ -161,3 +175,8 @@ def engine_pids(stack: Stack) -> dict[int, int]:
         if "vllm.entrypoints.openai.api_server" in cmd and "serving.engine.supervise" not in cmd:
             out[int(cmd[cmd.index("--port") + 1])] = proc.pid
     return out
+
+
+def engine_urls(stack: Stack) -> list[str]:
+    """The loopback URLs of a stack's engines (for a second ingress in front of them)."""
+    return [f"http://127.0.0.1:{port}" for port in engine_pids(stack)]

@@ -5,7 +5,8 @@ keys (one stored in plain text, one as ``sha256:<hex>``), an in-flight bound per
 replica, a tokens/min limit and a small body cap. The faults are real: the fuzz
 sends schemathesis-generated requests, one engine's vLLM process is SIGKILLed,
 and the last test SIGTERMs the serving process (it ends the stack). Tests run in
-file order. Overload has its own module and stack (test_reliability_overload.py).
+file order. The stack is session-scoped (conftest.py): the overload module, which runs
+first, puts its own ingress in front of the same engines (test_reliability_overload.py).
 
 ``QWEN_SERVE_GUARDED_URL`` points the module at a guarded stack that is already
 running with these settings (see ``guarded_args``), for development.
@@ -35,62 +36,15 @@ import pytest
 import yaml
 
 from benchmarks.stacks import engine_pids, leftovers, serve_pid, stack_processes
-from conftest import ROOT, Stack, start_stack, stop_stack
+from conftest import ROOT
+from guarded import (ENGINE_KEY, KEY_HASHED, KEY_PLAIN, MAX_BODY_BYTES,
+                     MAX_IN_FLIGHT_PER_REPLICA, MAX_MODEL_LEN, REPLICAS, TOKENS_PER_MINUTE, write_keys)
 from prometheus_server import instant, prometheus_server
 from serving.engine import guard
 
 pytestmark = pytest.mark.stack
 
-KEY_PLAIN = "rel-test-key-alpha-7f3c9a1d5e"
-KEY_HASHED = "rel-test-key-beta-2b8e6f0c4a"
-MAX_IN_FLIGHT_PER_REPLICA = 4
-REPLICAS = 2
-# Big enough that no other test notices it; the 429 test asks for more than a minute's worth.
-TOKENS_PER_MINUTE = 1_000_000
-MAX_BODY_BYTES = 65536
-MAX_MODEL_LEN = 8192  # deploy/configs/local-cpu.yaml
-DRAIN_TIMEOUT_S = 60
-ENGINE_KEY = "rel-test-engine-key-0c1d9e"  # what the guarded stack's engines accept
 RESULTS = Path(os.environ.get("QWEN_SERVE_RELIABILITY_RESULTS", "/tmp/qwen-serve-reliability.json"))
-
-
-def write_keys(tmp: Path) -> Path:
-    path = tmp / "api-keys.txt"
-    digest = hashlib.sha256(KEY_HASHED.encode()).hexdigest()
-    path.write_text(f"# reliability test keys\n{KEY_PLAIN}\n\nsha256:{digest}\n")
-    return path
-
-
-def guarded_args(keys_file: Path, in_flight_per_replica: int = MAX_IN_FLIGHT_PER_REPLICA) -> list[str]:
-    return ["--set", f"topology.replicas={REPLICAS}",
-            "--set", f"server.api_keys_file={keys_file}",
-            "--set", f"server.limits.max_in_flight_per_replica={in_flight_per_replica}",
-            "--set", f"server.limits.tokens_per_minute={TOKENS_PER_MINUTE}",
-            "--set", f"server.limits.max_body_bytes={MAX_BODY_BYTES}",
-            "--set", f"server.drain_timeout_s={DRAIN_TIMEOUT_S}",
-            "--set", "engine.cpu_kv_cache_bytes=536870912",
-            # These stacks test admission and recovery, not decode speed: eager engines
-            # start in about half the time (README, engine.enforce_eager).
-            "--set", "engine.enforce_eager=true"]
-
-
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory) -> Stack:
-    url = os.environ.get("QWEN_SERVE_GUARDED_URL")
-    if url:
-        log = os.environ.get("QWEN_SERVE_GUARDED_LOG")
-        yield Stack(url.rstrip("/"), "smollm2-135m-instruct", KEY_PLAIN, None, Path(log) if log else None)
-        return
-    tmp = tmp_path_factory.mktemp("guarded")
-    # A known engine key (instead of one generated per start) lets the second ingress
-    # below reach these engines, as a second ingress of a deployment would.
-    stack = start_stack(tmp, *guarded_args(write_keys(tmp)), name="guarded",
-                        env={guard.ENV: ENGINE_KEY})
-    stack.api_key = KEY_PLAIN
-    try:
-        yield stack
-    finally:
-        stop_stack(stack)
 
 
 def record(name: str, figures: dict) -> None:

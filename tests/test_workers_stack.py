@@ -10,23 +10,17 @@ Requests go over several connections, and the kernel hands connections to both w
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from benchmarks.stacks import DEFAULT_CONFIG, ROOT, engine_pids, wait_ready
+from benchmarks.stacks import Stack, engine_urls, start_ingress, stop_stack
 from conftest import STACK_ENGINE_KEY
 from serving.engine import guard
-from serving.ports import reserved_port
 
 pytestmark = pytest.mark.stack
 
@@ -38,48 +32,28 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 DRAIN_AUTH = {"Authorization": "Bearer workers-test-key-d2a9"}
 
 
-@dataclass
-class Front:
-    base_url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def workers(self) -> list[psutil.Process]:
-        return [p for p in psutil.Process(self.proc.pid).children()
-                if "serving.ingress.worker" in " ".join(p.cmdline())]
+def _workers(front: Stack) -> list[psutil.Process]:
+    return [p for p in psutil.Process(front.proc.pid).children()
+            if "serving.ingress.worker" in " ".join(p.cmdline())]
 
 
 @pytest.fixture(scope="module")
-def front(stack, tmp_path_factory) -> Front:
+def front(stack, tmp_path_factory) -> Stack:
     if stack.proc is None:
         pytest.skip("QWEN_SERVE_TEST_URL points at a stack this session did not start")
     tmp = tmp_path_factory.mktemp("workers")
     keys = tmp / "keys"
     keys.write_text(f"{KEY}\n{DRAIN_AUTH['Authorization'].split()[1]}\n")
-    engines = [f"--engine=http://127.0.0.1:{port}" for port in engine_pids(stack)]
-    assert engines, "no engine of the shared stack found"
-    log = tmp / "front.log"
-    with reserved_port() as port, log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "serving", "ingress", "--config", str(DEFAULT_CONFIG), *engines,
-             "--host", "127.0.0.1", "--port", str(port),
-             "--set", f"server.workers={WORKERS}", "--set", f"server.api_keys_file={keys}",
-             "--set", f"server.limits.requests_per_minute={RPM}", "--set", "server.drain_timeout_s=60"],
-            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
-            env={**os.environ, guard.ENV: STACK_ENGINE_KEY})
-        front = Front(f"http://127.0.0.1:{port}", proc, log)
-        try:
-            wait_ready(front.base_url, 120, proc)
-        except BaseException:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+    front = start_ingress(tmp, engine_urls(stack), "--set", f"server.workers={WORKERS}",
+                          "--set", f"server.api_keys_file={keys}",
+                          "--set", f"server.limits.requests_per_minute={RPM}",
+                          "--set", "server.drain_timeout_s=60", name="front",
+                          env={guard.ENV: STACK_ENGINE_KEY})
     try:
-        assert len(front.workers()) == WORKERS
+        assert len(_workers(front)) == WORKERS
         yield front
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_stack(front)
 
 
 def _cpu_s(procs: list[psutil.Process]) -> list[float]:
@@ -125,7 +99,7 @@ def test_one_keys_limit_holds_across_workers(front):
     """300 requests/min for one key, 900 requests spread over 2 workers: the key gets its
     300 plus what the bucket refilled meanwhile (± 2 %), not 300 per worker. (A refused
     request costs no engine work, so the burst outruns the refill on a slow machine too.)"""
-    workers = front.workers()
+    workers = _workers(front)
     before = _cpu_s(workers)
     statuses, took_s = asyncio.run(_tokenize_burst(front.base_url, 3 * RPM, lanes=12))
     spent = [after - b for after, b in zip(_cpu_s(workers), before)]
@@ -171,7 +145,7 @@ STREAMS = 6
 def test_sigterm_drains_every_worker(front):
     """Runs last (it stops the front): SIGTERM while 6 streams run on 2 workers; every
     stream finishes, new requests get 503, each worker drains and exits, exit code 0."""
-    workers = front.workers()
+    workers = _workers(front)
 
     async def scenario() -> tuple[list, int]:
         started, counter = asyncio.Event(), [0]
@@ -192,5 +166,5 @@ def test_sigterm_drains_every_worker(front):
     assert front.proc.wait(60) == 0
     gone, alive = psutil.wait_procs(workers, timeout=5)
     assert not alive, alive
-    log = front.log.read_text()
+    log = front.log_path.read_text()
     assert len(re.findall(r"^qwen-serve: draining \(", log, re.M)) == WORKERS, log[-2000:]
