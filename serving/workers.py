@@ -51,6 +51,7 @@ class IngressWorkers:
         self._procs: dict[int, subprocess.Popen] = {}
         self._started: dict[int, float] = {}
         self._early_deaths = 0
+        self._buried: set[int] = set()  # exited workers already accounted for
         self.stopping = False
 
     def start(self) -> None:
@@ -80,8 +81,9 @@ class IngressWorkers:
     def replace_dead(self) -> None:
         """Start a new worker for each one that exited while serving."""
         for worker, proc in list(self._procs.items()):
-            if proc.poll() is None:
+            if proc.poll() is None or proc.pid in self._buried:
                 continue
+            self._buried.add(proc.pid)
             mark_process_dead(proc.pid, str(self.metrics_dir))  # its in-flight gauge is 0 now
             if self.stopping:
                 continue

@@ -117,6 +117,26 @@ def test_one_keys_limit_holds_across_workers(front):
     assert _series(text, "qwen_serve_rejected_requests_total", reason="rate_limited") == refused
 
 
+def test_a_worker_that_dies_is_replaced_and_the_others_serve_on(front):
+    """SIGKILL to one worker (the OOM killer picks a process): the launcher starts another
+    in its place; requests keep being answered meanwhile and after."""
+    before = _workers(front)
+    victim = before[0]
+    victim.kill()
+    deadline = time.monotonic() + 60
+    while True:
+        now = _workers(front)
+        if len(now) == WORKERS and victim.pid not in {p.pid for p in now}:
+            break
+        assert time.monotonic() < deadline, "no replacement worker"
+        time.sleep(0.2)
+    body = {"model": "smollm2-135m-instruct", "prompt": "Hello"}
+    statuses = [httpx.post(f"{front.base_url}/tokenize", json=body, headers=DRAIN_AUTH,
+                           timeout=60).status_code for _ in range(10)]
+    assert statuses == [200] * 10
+    assert "exited (-9); restarting it" in front.log_path.read_text()
+
+
 async def _stream(base_url: str, started: asyncio.Event, counter: list[int]) -> tuple[int, int, bool]:
     """One chat stream on its own connection: (status, content events, ended with [DONE])."""
     body = {"model": "smollm2-135m-instruct", "stream": True, "max_tokens": 40, "ignore_eos": True,
