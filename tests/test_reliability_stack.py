@@ -36,7 +36,7 @@ import pytest
 import yaml
 
 from benchmarks.stacks import engine_pids, leftovers, serve_pid, stack_processes
-from conftest import ROOT
+from conftest import ROOT, stop_stack
 from guarded import (ENGINE_KEY, KEY_HASHED, KEY_PLAIN, MAX_BODY_BYTES,
                      MAX_IN_FLIGHT_PER_REPLICA, MAX_MODEL_LEN, REPLICAS, TOKENS_PER_MINUTE, write_keys)
 from prometheus_server import instant, prometheus_server
@@ -45,6 +45,15 @@ from serving.engine import guard
 pytestmark = pytest.mark.stack
 
 RESULTS = Path(os.environ.get("QWEN_SERVE_RELIABILITY_RESULTS", "/tmp/qwen-serve-reliability.json"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _guarded_ends_with_this_module(guarded):
+    """The guarded stack is session-scoped (the overload module shares its engines); this
+    module's drain test ends it, and if that test fails first it still ends here, so its
+    two engines never stay up through the stacks of later modules."""
+    yield
+    stop_stack(guarded)
 
 
 def record(name: str, figures: dict) -> None:
