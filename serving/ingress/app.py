@@ -251,9 +251,10 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
             await close()  # a Redis connection
         await state.upstream.aclose()
 
+    hot = {("POST", "/v1/chat/completions"): proxied("/v1/chat/completions", "chat"),
+           ("POST", "/v1/completions"): proxied("/v1/completions", "completions")}
     routes = [
-        Route("/v1/chat/completions", proxied("/v1/chat/completions", "chat"), methods=["POST"]),
-        Route("/v1/completions", proxied("/v1/completions", "completions"), methods=["POST"]),
+        *(Route(path, endpoint, methods=[method]) for (method, path), endpoint in hot.items()),
         Route("/v1/models", models, methods=["GET"]),
         Route("/tokenize", proxied("/tokenize", "tokenize"), methods=["POST"]),
         Route("/detokenize", proxied("/detokenize", "detokenize"), methods=["POST"]),
@@ -277,7 +278,32 @@ def build_app(settings: IngressSettings, pool: ReplicaPool,
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={404: _not_found, 405: _not_allowed})
     app.state.ingress = state
-    return app
+    return IngressApp(app, hot)
+
+
+class IngressApp:
+    """The ingress's ASGI app: the two generation routes go straight to their endpoint,
+    everything else (and the lifespan) through Starlette.
+
+    Why: they are nearly all the traffic, and Starlette's middleware stack and router
+    (error middleware, exception middleware, a regex match per route, the request
+    wrapper) cost ~10 % of a plain request's CPU in a profile, ~30 µs on this machine's
+    core. An exception escaping an endpoint still becomes a 500 (uvicorn's), as it did.
+    """
+
+    def __init__(self, app: Starlette, hot: dict[tuple[str, str], object]) -> None:
+        self.starlette = app
+        self.state = app.state
+        self._hot = hot
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            endpoint = self._hot.get((scope["method"], scope["path"]))
+            if endpoint is not None:
+                response = await endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)
 
 
 def _make_cache(cfg: ResponseCacheConfig | None, metrics: RouterMetrics):

@@ -145,6 +145,7 @@ class _KeyedCache:
 
     def __init__(self, metrics_counter: Any = None) -> None:
         self._counter = metrics_counter
+        self._counts: dict[str, Any] = {}  # result → the counter's child (labels() is slow)
 
     def announces_hit(self, scope: str) -> bool:
         """`x-cache: hit` for a request of this cache scope (a key's id, or "" with keys off)."""
@@ -152,7 +153,10 @@ class _KeyedCache:
 
     def _count(self, result: str) -> None:
         if self._counter is not None:
-            self._counter.labels(result).inc()
+            child = self._counts.get(result)
+            if child is None:
+                child = self._counts[result] = self._counter.labels(result)
+            child.inc()
 
     def key_for(self, route: str, body: dict, model_revision: str, *, scope: str = "") -> str | None:
         """A stable key for a deterministic request, or None when it must not be cached.
