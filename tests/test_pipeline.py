@@ -132,6 +132,24 @@ async def test_answers_and_their_statuses(engine):
         assert in_flight(state) == 0
 
 
+async def test_a_client_that_leaves_a_plain_request_aborts_it_on_the_engine(engine):
+    """A plain answer sends nothing until it is done; a client that leaves meanwhile has
+    its engine request closed (vLLM aborts it) and its slot freed, counted as 499."""
+    async with ingress([engine]) as (base, state):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            leaving = asyncio.ensure_future(c.post("/v1/completions", json={"prompt": "a", "sleep": 5}))
+            await asyncio.sleep(0.2)
+            assert in_flight(state) == 1
+            leaving.cancel()  # the client goes away (httpx closes its connection)
+            with contextlib.suppress(asyncio.CancelledError):
+                await leaving
+            left = asyncio.get_running_loop().time()
+            while in_flight(state) or "499" not in statuses(state):
+                assert asyncio.get_running_loop().time() - left < 3, "the engine request was kept"
+                await asyncio.sleep(0.05)
+            assert statuses(state) == {"499": 1}
+
+
 def tokens(state) -> dict[tuple[str, str], float]:
     out = {}
     for line in state.metrics.render().decode().splitlines():
