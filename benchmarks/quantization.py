@@ -12,8 +12,12 @@ pinned to its own core so neither steals the other's; requests alternate between
 
     python -m benchmarks.quantization                         # dtype auto vs + torchao int8
     python -m benchmarks.quantization --base model.dtype=bfloat16 --eager
+    python -m benchmarks.quantization --vs model.quantization=torchao \\
+        --vs "model.source=embedded:smollm2-135m-instruct-w8a8;model.quantization=compressed-tensors"
 
-Ratios are B / A from one run; figures go to stdout as Markdown and JSON.
+Several methods (``--vs``, repeatable) are measured in turn against the same A, which
+stays up (a bf16 engine takes minutes to start); each pair gets its own interleaved
+rounds. Ratios are B / A of one pair; figures go to stdout as Markdown and JSON.
 """
 
 from __future__ import annotations
@@ -181,46 +185,62 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
     return exact, statistics.mean(shares)
 
 
-def run(args: argparse.Namespace) -> dict:
+def _row(e: Engine, ttft_s: list[float], tok_s: list[float]) -> dict:
+    return {"overrides": e.overrides, "startup_s": round(e.startup_s, 1),
+            "worker_rss_mib": round(e.rss_bytes / 2**20, 1),
+            "engine_core_rss_mib": round(e.core_rss_bytes / 2**20, 1),
+            "ttft_p50_ms": round(statistics.median(ttft_s) * 1000, 1),
+            "tok_s_p50": round(statistics.median(tok_s), 2)}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """A against each B in turn: A stays up, each B starts on the other core, is
+    measured interleaved with A (fresh rounds for every pair), and stops."""
     eager = ["engine.enforce_eager=true"] if args.eager else []
     a = Engine("A", [*args.base, *eager], core=0)
-    b = Engine("B", [*args.base, *args.method, *eager], core=1)
+    bs = [Engine(f"B{i + 1}" if len(args.methods) > 1 else "B", [*args.base, *sets, *eager], core=1)
+          for i, sets in enumerate(args.methods)]
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    docs = []
     try:
-        for engine in (a, b):  # one at a time: two compiles at once would skew startup
-            start(engine, log_dir, args.startup_timeout)
+        start(a, log_dir, args.startup_timeout)
         with httpx.Client(timeout=300) as client:
-            for engine in (a, b):
-                stream(client, engine, "warm up", 8, False)
-            for round_ in range(args.rounds):
-                for engine in ((a, b) if round_ % 2 == 0 else (b, a)):
-                    ttft, rate, _ = stream(client, engine, PROMPTS[round_ % len(PROMPTS)],
-                                           args.output_len, True)
-                    engine.ttft_s.append(ttft)
-                    engine.tok_s.append(rate)
-            for prompt in PROMPTS:
-                for engine in (a, b):
-                    engine.answers.append(stream(client, engine, prompt, 32, False)[2])
+            stream(client, a, "warm up", 8, False)
+            a.answers = [stream(client, a, prompt, 32, False)[2] for prompt in PROMPTS]
+            for b in bs:
+                start(b, log_dir, args.startup_timeout)  # A idles meanwhile: no skewed compile
+                try:
+                    stream(client, b, "warm up", 8, False)
+                    measured: dict[str, tuple[list[float], list[float]]] = {"A": ([], []), "B": ([], [])}
+                    for round_ in range(args.rounds):
+                        for name, engine in ((("A", a), ("B", b)) if round_ % 2 == 0
+                                             else (("B", b), ("A", a))):
+                            ttft, rate, _ = stream(client, engine, PROMPTS[round_ % len(PROMPTS)],
+                                                   args.output_len, True)
+                            measured[name][0].append(ttft)
+                            measured[name][1].append(rate)
+                    b.answers = [stream(client, b, prompt, 32, False)[2] for prompt in PROMPTS]
+                finally:
+                    stop(b)
+                (a_ttft, a_tok), (b_ttft, b_tok) = measured["A"], measured["B"]
+                exact, share = agreement(a.answers, b.answers)
+                docs.append({
+                    "A": _row(a, a_ttft, a_tok), "B": _row(b, b_ttft, b_tok),
+                    "ratios_b_over_a": {
+                        "worker_rss": round(b.rss_bytes / a.rss_bytes, 3),
+                        "worker_rss_diff_mib": round((b.rss_bytes - a.rss_bytes) / 2**20, 1),
+                        "tok_s": round(statistics.median(b_tok) / statistics.median(a_tok), 3),
+                        "ttft": round(statistics.median(b_ttft) / statistics.median(a_ttft), 3)},
+                    "agreement": {"prompts": len(PROMPTS), "exact": exact,
+                                  "mean_prefix_share": round(share, 3), "max_tokens": 32},
+                    "rounds": args.rounds, "output_len": args.output_len, "eager": args.eager})
+                print(markdown(docs[-1]), flush=True)
     finally:
-        for engine in (a, b):
-            stop(engine)
-    exact, share = agreement(a.answers, b.answers)
-    row = lambda e: {"overrides": e.overrides, "startup_s": round(e.startup_s, 1),  # noqa: E731
-                     "worker_rss_mib": round(e.rss_bytes / 2**20, 1),
-                     "engine_core_rss_mib": round(e.core_rss_bytes / 2**20, 1),
-                     "ttft_p50_ms": round(statistics.median(e.ttft_s) * 1000, 1),
-                     "tok_s_p50": round(statistics.median(e.tok_s), 2)}
-    doc = {"A": row(a), "B": row(b),
-           "ratios_b_over_a": {
-               "worker_rss": round(b.rss_bytes / a.rss_bytes, 3),
-               "worker_rss_diff_mib": round((b.rss_bytes - a.rss_bytes) / 2**20, 1),
-               "tok_s": round(statistics.median(b.tok_s) / statistics.median(a.tok_s), 3),
-               "ttft": round(statistics.median(b.ttft_s) / statistics.median(a.ttft_s), 3)},
-           "agreement": {"prompts": len(PROMPTS), "exact": exact, "mean_prefix_share": round(share, 3),
-                         "max_tokens": 32},
-           "rounds": args.rounds, "output_len": args.output_len, "eager": args.eager}
-    return doc
+        stop(a)
+        for b in bs:
+            stop(b)
+    return docs
 
 
 def markdown(doc: dict) -> str:
@@ -244,19 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", action="append", default=[], metavar="KEY=VALUE",
                    help="--set for both engines (repeatable)")
     p.add_argument("--method", action="append", metavar="KEY=VALUE",
-                   help="--set for B only (default: model.quantization=torchao)")
+                   help="--set for B only (repeatable; default: model.quantization=torchao)")
+    p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE;KEY=VALUE",
+                   help="another B, measured against the same A after the previous one "
+                   "(repeatable; its --set overrides separated by ';')")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="--enforce-eager for both (faster start)")
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--log-dir", default="benchmarks/results/quantization-cpu")
     args = p.parse_args(argv)
-    args.method = args.method or ["model.quantization=torchao"]
+    args.methods = [[o for o in vs.split(";") if o] for vs in args.vs]
+    if args.method or not args.methods:
+        args.methods.insert(0, args.method or ["model.quantization=torchao"])
     if len(os.sched_getaffinity(0)) < 2:
         p.error("needs two cores: one per engine")
-    doc = run(args)
-    print(markdown(doc))
-    print(json.dumps(doc, indent=2))
+    docs = run(args)
+    text = json.dumps(docs[0] if len(docs) == 1 else docs, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
     return 0
 
 
