@@ -250,7 +250,8 @@ def markdown(doc: dict) -> str:
     for name, e in (("A", a), ("B", b)):
         lines.append(f"| {name} | {' '.join(e['overrides']) or '(profile)'} | {e['worker_rss_mib']} MiB | "
                      f"{e['ttft_p50_ms']} ms | {e['tok_s_p50']} | {e['startup_s']} s |")
-    lines.append(f"\nB/A: worker RSS {r['worker_rss']}x ({r['worker_rss_diff_mib']:+} MiB), tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
+    lines.append(f"\nB/A: worker RSS {r['worker_rss']}x ({r['worker_rss_diff_mib']:+} MiB), "
+                 f"tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
                  f"agreement {g['exact']}/{g['prompts']} exact, {g['mean_prefix_share']:.0%} of A's "
                  f"tokens before the first difference ({g['max_tokens']} tokens, temperature 0); "
                  f"{doc['rounds']} interleaved rounds of {doc['output_len']} tokens"

