@@ -236,6 +236,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                                   "mean_prefix_share": round(share, 3), "max_tokens": 32},
                     "rounds": args.rounds, "output_len": args.output_len, "eager": args.eager})
                 print(markdown(docs[-1]), flush=True)
+                if args.out:  # a long run stopped later keeps the pairs it finished
+                    args.out.write_text(json.dumps(docs, indent=2) + "\n")
     finally:
         stop(a)
         for b in bs:
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE;KEY=VALUE",
                    help="another B, measured against the same A after the previous one "
                    "(repeatable; its --set overrides separated by ';')")
-    p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--out", type=Path, help="also write the JSON here (after every pair)")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="--enforce-eager for both (faster start)")
@@ -282,10 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(os.sched_getaffinity(0)) < 2:
         p.error("needs two cores: one per engine")
     docs = run(args)
-    text = json.dumps(docs[0] if len(docs) == 1 else docs, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print(json.dumps(docs, indent=2))
     return 0
 
 

