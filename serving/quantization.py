@@ -89,11 +89,13 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "4-bit GPTQ checkpoint", needs_checkpoint=True),
 )}
 
-# Names people expect (the seed's table, older vLLM) that this vLLM does not have.
+# Names people expect that do not run here, and what to use instead: methods this vLLM
+# lacks (the seed's table, older vLLM), then below the shorthands it has that do not.
 REPLACED: dict[str, str] = {
     "gguf": "vLLM 0.32 dropped its GGUF loader; serve GGUF files with llama.cpp, or use the "
             "safetensors checkpoint (`qwen-serve model prepare` dequantizes the embedded GGUF) "
-            "with quantization 'torchao' (INT8, CPU or GPU)",
+            "with quantization 'compressed-tensors' (its INT8 W8A8 checkpoint: `qwen-serve model "
+            "prepare --int8`) or 'torchao' (INT8, CPU or GPU)",
     "bitsandbytes": "vLLM 0.32 has no bitsandbytes method; for 4-bit use an 'awq' or 'gptq' "
                     "checkpoint, for 8-bit 'torchao' (INT8) or 'fp8' (Ada/Hopper)",
     "int8": "use 'compressed-tensors' (an INT8 W8A8 checkpoint, `qwen-serve model prepare "
