@@ -331,7 +331,7 @@ def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> 
 
 
 def format_plan(plan: Plan) -> str:
-    gib = lambda b: f"{b / GIB:.2f} GiB"
+    gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     out = [
         f"model            {plan.model}  (facts from {plan.facts_from})",
         f"device           {plan.device}" + (f", {plan.gpus} GPUs" if plan.device != "cpu" else "")
