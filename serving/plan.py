@@ -286,10 +286,8 @@ def _check_checkpoint_and_dtype(cfg: DeploymentConfig, facts: ModelFacts, device
     method = METHODS.get(mdl.quantization)
     if method is None:
         return
-    if method.needs_checkpoint:
-        if facts.quant_method == mdl.quantization:
-            pass
-        elif facts.origin.endswith("config.json"):  # a folder we read: we know it is not
+    if method.needs_checkpoint and facts.quant_method != mdl.quantization:
+        if facts.origin.endswith("config.json"):  # a folder we read: we know it is not
             raise PlanError(f"model.quantization={mdl.quantization!r} needs a checkpoint quantized "
                             f"that way; {facts.name} is "
                             + (f"quantized with {facts.quant_method!r}" if facts.quant_method
