@@ -20,8 +20,9 @@ GIB = 1 << 30
 _DTYPE_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "float32": 4}
 _FP8_ARCHS = {"ada", "hopper", "blackwell"}
 # SSE events/s one ingress process relays on one core: 1,024 streams at 50 tokens/s,
-# through/direct 0.75, 30.5 us of CPU per event (benchmarks/results/relay-2026-12-03).
-INGRESS_EVENTS_PER_S = 32_130
+# 22.7 us of CPU per event, 1.07x the direct path whose harness core was full
+# (benchmarks/results/relay-2026-12-07, 2-core AVX2 EPYC).
+INGRESS_EVENTS_PER_S = 43_772
 
 
 class PlanError(Exception):

@@ -69,13 +69,13 @@ def test_slots_are_kept_while_a_replica_lives_and_not_reused_at_once():
 
 def test_the_planner_advises_workers_and_refuses_runtime_adapters_in_several():
     cfg = load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", ["engine.stream_interval=1"], environ={})
-    assert make_plan(cfg, QWEN05).ingress_workers == 3  # 80,000 events/s, 32,130 per worker
+    assert make_plan(cfg, QWEN05).ingress_workers == 2  # 80,000 events/s, 43,772 per worker
     fixed = load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", ["engine.stream_interval=1",
-                                                                   "server.workers=2"], environ={})
+                                                                   "server.workers=1"], environ={})
     plan = make_plan(fixed, QWEN05)
-    assert plan.ingress_workers == 2
+    assert plan.ingress_workers == 1
     (warning,) = [w for w in plan.warnings if "ingress" in w]
-    assert "set server.workers to 3" in warning
+    assert "set server.workers to 2" in warning
     lora = load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml", ["engine.runtime_lora=true",
                                                                   "server.workers=2"], environ={})
     with pytest.raises(PlanError, match="server.workers to 1"):

@@ -140,8 +140,8 @@ def test_plan_sizes_the_ingress_relay_from_the_expected_peak():
     # and both fixes named.
     one = make_plan(load_config(CONFIGS / "qwen2.5-0.5b-4x4090d.yaml",
                                 ["engine.stream_interval=1", "server.workers=1"], environ={}), QWEN05)
-    assert one.ingress_events_per_s == peak and one.ingress_processes_needed == 3
+    assert one.ingress_events_per_s == peak and one.ingress_processes_needed == 2
     (warning,) = [w for w in one.warnings if "ingress" in w]
-    assert "server.workers to 3" in warning and "engine.stream_interval to at least 3" in warning
+    assert "server.workers to 2" in warning and "engine.stream_interval to at least 2" in warning
     unknown = make_plan(load_config(CONFIGS / "local-cpu.yaml", environ={}), QWEN05, device="cpu")
     assert unknown.ingress_events_per_s is None
