@@ -33,8 +33,15 @@ DRAIN_AUTH = {"Authorization": "Bearer workers-test-key-d2a9"}
 
 
 def _workers(front: Stack) -> list[psutil.Process]:
-    return [p for p in psutil.Process(front.proc.pid).children()
-            if "serving.ingress.worker" in " ".join(p.cmdline())]
+    """The front's live workers: a killed one is a zombie until the launcher reaps it."""
+    live = []
+    for proc in psutil.Process(front.proc.pid).children():
+        try:
+            if "serving.ingress.worker" in " ".join(proc.cmdline()):
+                live.append(proc)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            continue
+    return live
 
 
 @pytest.fixture(scope="module")
