@@ -124,13 +124,7 @@ def prepare(log: Log = print, force: bool = False) -> Path:
     try:
         stamp = _train(base, staging, log)
         (staging / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            old = target.with_name(f".{DEMO_ADAPTER}-old-{os.getpid()}")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
+        embedded_model.publish(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -33,6 +33,21 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "qwen-serve"
 
 
+def publish(staging: Path, target: Path) -> None:
+    """Put the finished folder ``staging`` at ``target``, replacing what is there.
+
+    Two renames on one filesystem: a reader sees the old folder or the new one,
+    never a half-written one; the old one is removed only once the new is in place.
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}-old-{os.getpid()}")
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
+
+
 def embedded_model_dir() -> Path:
     return cache_root() / "models" / FOLDER_NAME
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -89,13 +88,7 @@ def prepare(log: Log = print, force: bool = False) -> Path:
         log("quantizing the embedded model to compressed-tensors W8A8 (int8 per channel)")
         write_checkpoint(base, staging)
         (staging / STAMP_NAME).write_text(json.dumps(_stamp(), indent=2, sort_keys=True) + "\n")
-        if target.exists():
-            old = target.with_name(f".{FOLDER_NAME}-old-{os.getpid()}")
-            target.rename(old)
-            staging.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(target)
+        embedded_model.publish(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
