@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -119,15 +117,7 @@ def prepare(log: Log = print, force: bool = False) -> Path:
         log(f"demo adapter already prepared: {target}")
         return target
     base = embedded_model.prepare(log=log)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_ADAPTER}-", dir=target.parent))
-    try:
-        stamp = _train(base, staging, log)
-        (staging / STAMP_NAME).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
-        embedded_model.publish(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    embedded_model.build_folder(target, lambda out: _train(base, out, log), STAMP_NAME)
     log(f"demo adapter prepared: {target}")
     return target
 

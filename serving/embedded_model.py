@@ -8,12 +8,14 @@ once with transformers into a bf16 safetensors folder under the user's cache dir
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 EMBEDDED_SOURCE = "embedded:smollm2-135m-instruct"
@@ -33,19 +35,30 @@ def cache_root() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "qwen-serve"
 
 
-def publish(staging: Path, target: Path) -> None:
-    """Put the finished folder ``staging`` at ``target``, replacing what is there.
+def build_folder(target: Path, build: Callable[[Path], dict], stamp_name: str) -> Path:
+    """Make ``target`` with ``build(folder)``, which returns the stamp written beside it.
 
-    Two renames on one filesystem: a reader sees the old folder or the new one,
-    never a half-written one; the old one is removed only once the new is in place.
+    Built in a temporary sibling and put in place by two renames on one filesystem: a
+    reader sees the old folder or the new one, never half of one, and a crash leaves
+    the old one (or none) behind.
     """
-    if target.exists():
-        old = target.with_name(f".{target.name}-old-{os.getpid()}")
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it 0700; the model folders beside it are 0755
+    try:
+        stamp = build(staging)
+        (staging / stamp_name).write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            old = target.with_name(f".{target.name}-old-{os.getpid()}")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def embedded_model_dir() -> Path:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -81,17 +79,13 @@ def prepare(log: Log = print, force: bool = False) -> Path:
         log(f"INT8 (W8A8) checkpoint already prepared: {target}")
         return target
     base = embedded_model.prepare(log=log)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp makes it 0700; the bf16 folder beside it is 0755
-    try:
-        log("quantizing the embedded model to compressed-tensors W8A8 (int8 per channel)")
-        write_checkpoint(base, staging)
-        (staging / STAMP_NAME).write_text(json.dumps(_stamp(), indent=2, sort_keys=True) + "\n")
-        embedded_model.publish(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+    log("quantizing the embedded model to compressed-tensors W8A8 (int8 per channel)")
+
+    def build(out: Path) -> dict:
+        write_checkpoint(base, out)
+        return _stamp()
+
+    embedded_model.build_folder(target, build, STAMP_NAME)
     log(f"INT8 (W8A8) checkpoint prepared: {target}")
     return target
 
