@@ -86,15 +86,19 @@ def cmd_ingress(args: argparse.Namespace) -> int:
         return EXIT_RUNTIME
 
 
+def _say(message: str) -> None:
+    """Progress of a preparation step, prefixed like every other line of the CLI."""
+    print(f"qwen-serve: {message}", flush=True)
+
+
 def _prepare_embedded(cfg: DeploymentConfig) -> None:
     """Build the embedded model (or its INT8 checkpoint) a config serves, on first use."""
     from . import embedded_model, int8_checkpoint
 
-    log = lambda m: print(f"qwen-serve: {m}", flush=True)  # noqa: E731
     if cfg.model.source == embedded_model.EMBEDDED_SOURCE and not embedded_model.is_prepared():
-        embedded_model.prepare(log=log)
+        embedded_model.prepare(log=_say)
     if cfg.model.source == int8_checkpoint.INT8_SOURCE and not int8_checkpoint.is_prepared():
-        int8_checkpoint.prepare(log=log)
+        int8_checkpoint.prepare(log=_say)
 
 
 def _prepare_demo_adapter(cfg: DeploymentConfig) -> None:
@@ -103,7 +107,7 @@ def _prepare_demo_adapter(cfg: DeploymentConfig) -> None:
 
     wanted = any(a.source == demo_adapter.DEMO_ADAPTER_SOURCE for a in cfg.model.adapters.values())
     if wanted and not demo_adapter.is_prepared():
-        demo_adapter.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+        demo_adapter.prepare(log=_say)
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -134,15 +138,15 @@ def cmd_engine(args: argparse.Namespace) -> int:
 def cmd_model_prepare(args: argparse.Namespace) -> int:
     from . import embedded_model
 
-    embedded_model.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+    embedded_model.prepare(log=_say)
     if args.demo_adapter:
         from . import demo_adapter
 
-        demo_adapter.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+        demo_adapter.prepare(log=_say)
     if args.int8:
         from . import int8_checkpoint
 
-        int8_checkpoint.prepare(log=lambda m: print(f"qwen-serve: {m}", flush=True))
+        int8_checkpoint.prepare(log=_say)
     return 0
 
 
