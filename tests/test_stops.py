@@ -10,10 +10,8 @@ The other stops are tested where a stack ends anyway: SIGTERM to the group
 (test_zz_shutdown), SIGTERM to the main process with streams in flight
 (test_reliability_stack's drain) and SIGKILL to the main process alone (test_lora_stack).
 
-The four stacks are started two at a time (one eager 1-replica engine each): a
-stack's start is mostly vLLM's three processes importing one after the other, about
-one core's work, so two at once fill two cores (88 s here for both, 54 s for one
-alone) while four at once only crowd them (208 s for all four).
+The four stacks are started at once (one eager 1-replica engine each): on two
+cores that takes about as long as two or three started one after the other.
 """
 
 from __future__ import annotations
@@ -59,7 +57,7 @@ CLEAN = {"sigint-main", "sigint-group"}  # a first Ctrl-C is a clean stop: exit 
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory) -> dict[str, Stack]:
     tmp = tmp_path_factory.mktemp("stops")
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(len(STOPS)) as pool:
         futures = {name: pool.submit(start_stack, tmp, *SMALL, name=name) for name in STOPS}
     started = {}
     try:
