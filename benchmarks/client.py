@@ -13,6 +13,8 @@ from typing import Any
 
 import httpx
 
+from serving.ingress.sse import SSEDecoder
+
 from .stream import Endpoint, RawExchange
 from .workloads import RequestSpec
 
@@ -83,9 +85,13 @@ async def send(client: httpx.AsyncClient, spec: RequestSpec, target: Target) -> 
             if response.status_code != 200:
                 raw.body = (await response.aread()).decode("utf-8", "replace")[:2000]
                 return raw
-            async for line in response.aiter_lines():
-                if line:
-                    raw.lines.append((time.perf_counter(), line))
+            # The ingress's SSE decoder, not aiter_lines(): that splits lines the way
+            # str.splitlines() does, so a generated U+2028 or U+0085 — which JSON leaves
+            # unescaped — cut an event in two and a good request counted as failed.
+            decoder = SSEDecoder()
+            async for chunk in response.aiter_bytes():
+                for data in decoder.feed(chunk):
+                    raw.lines.append((time.perf_counter(), "data: " + data.decode("utf-8", "replace")))
     except Exception as exc:  # recorded per request, never aborts the run
         raw.error_class = classify_exception(exc)
         raw.error = f"{type(exc).__name__}: {exc}"[:500]

@@ -104,3 +104,40 @@ def test_transport_error_class_is_kept():
                       error_class="read_error", error="ReadError: reset")
     rec = parse_exchange(raw, "completions")
     assert not rec.ok and rec.error_class == "read_error" and rec.ttft == 0.5
+
+
+def test_a_line_separator_inside_a_token_does_not_split_the_event():
+    """SSE lines end only in LF/CR(LF); JSON leaves U+2028 and U+0085 unescaped. A loopback
+    server sends a token holding both, its event cut across two writes."""
+    import asyncio
+
+    from benchmarks.client import Target, make_client, send
+    from benchmarks.workloads import RequestSpec
+
+    token = json.dumps({"choices": [{"index": 0, "text": "a\u2028b\x85c", "finish_reason": None}]},
+                       ensure_ascii=False).encode()
+    body = b"data: " + token + b"\n\n" + _usage(5, 1).encode() + b"\n\ndata: [DONE]\n\n"
+    cut = len(b"data: ") + 20
+
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n")
+        for part in (body[:cut], body[cut:]):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server, make_client(1, 10.0) as client:
+            return await send(client, RequestSpec(max_tokens=1, prompt="hi"),
+                              Target(f"http://127.0.0.1:{port}", "m"))
+
+    rec = parse_exchange(asyncio.run(main()), "completions")
+    assert rec.error is None, rec.error
+    assert rec.ok and rec.text == "a\u2028b\x85c" and rec.output_tokens == 1
