@@ -74,7 +74,8 @@ def classify_exception(exc: BaseException) -> str:
 
 
 async def send(client: httpx.AsyncClient, spec: RequestSpec, target: Target) -> RawExchange:
-    """Send one streaming request and record every non-empty line with its arrival time."""
+    """Send one streaming request and record each SSE event's ``data:`` line with its
+    arrival time."""
     payload = build_payload(spec, target)
     raw = RawExchange(start=time.perf_counter())
     try:

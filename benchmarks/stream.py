@@ -1,6 +1,6 @@
 """Per-request measurement from a recorded SSE exchange (pure, no I/O).
 
-Why separate from the client: the client only timestamps raw lines as they arrive,
+Why separate from the client: the client only timestamps events as they arrive,
 so the arithmetic here can be tested on recorded event streams with exact values.
 
 Definitions (identical to ``vllm bench serve``):
@@ -32,7 +32,8 @@ _CHAT_OUTPUT_KEYS = ("content", "reasoning_content", "reasoning", "tool_calls")
 
 @dataclass
 class RawExchange:
-    """What the client saw: start time, status, timestamped non-empty lines, failure."""
+    """What the client saw: start time, status, one timestamped ``data:`` line per SSE
+    event, failure."""
 
     start: float
     status: int | None = None
